@@ -1,0 +1,2 @@
+"""shardspeed: DeepSpeed-compatible large-model training for PyTorch."""
+__version__ = "0.1.0"
