@@ -1,0 +1,158 @@
+"""Rank arithmetic over named parallel axes, and the process groups they imply.
+
+`ProcessTopology` is pure arithmetic (testable for any world size without processes) with
+DeepSpeed's rank ordering: the last axis varies fastest. `Topology` adds the torch.distributed
+groups. It is built once and passed to whatever needs a group; nothing looks it up globally.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+class ProcessTopology:
+    """A mapping between global ranks and coordinates on named axes (row-major, last axis fastest)."""
+
+    def __init__(self, axes: Sequence[str], dims: Sequence[int]) -> None:
+        if len(axes) != len(dims) or len(set(axes)) != len(axes):
+            raise ValueError(f"axes {list(axes)} and dims {list(dims)} must pair up, with distinct names")
+        if any(d < 1 for d in dims):
+            raise ValueError(f"every axis size must be positive, got {dict(zip(axes, dims))}")
+        self.axes = list(axes)
+        self.dims = list(dims)
+        self._coords = list(itertools.product(*(range(d) for d in dims)))
+
+    def world_size(self) -> int:
+        return math.prod(self.dims)
+
+    def get_dim(self, axis: str) -> int:
+        return self.dims[self.axes.index(axis)] if axis in self.axes else 1
+
+    def get_axis_names(self) -> list[str]:
+        return list(self.axes)
+
+    def get_coord(self, rank: int) -> dict[str, int]:
+        if not 0 <= rank < self.world_size():
+            raise ValueError(f"rank {rank} is outside a topology of {self.world_size()} ranks")
+        return dict(zip(self.axes, self._coords[rank]))
+
+    def get_rank(self, **coords: int) -> int:
+        if set(coords) != set(self.axes):
+            raise ValueError(f"get_rank needs a coordinate for each of {self.axes}, got {sorted(coords)}")
+        rank = 0
+        for axis, dim in zip(self.axes, self.dims):
+            rank = rank * dim + coords[axis]
+        return rank
+
+    def get_axis_comm_lists(self, axis: str) -> list[list[int]]:
+        """The rank lists that communicate along `axis` (all other coordinates fixed)."""
+        if axis not in self.axes:
+            return [[r] for r in range(self.world_size())]
+        others = [a for a in self.axes if a != axis]
+        lists = []
+        for fixed in itertools.product(*(range(self.get_dim(a)) for a in others)):
+            base = dict(zip(others, fixed))
+            lists.append([self.get_rank(**base, **{axis: i}) for i in range(self.get_dim(axis))])
+        return lists
+
+    def get_axis_list(self, axis: str, idx: int) -> list[int]:
+        """Ranks whose coordinate on `axis` equals `idx`."""
+        return [r for r in range(self.world_size()) if self.get_coord(r)[axis] == idx]
+
+    def filter_match(self, **filters: int) -> list[int]:
+        return [r for r in range(self.world_size()) if all(self.get_coord(r)[k] == v for k, v in filters.items())]
+
+    def __repr__(self) -> str:
+        return f"ProcessTopology({dict(zip(self.axes, self.dims))})"
+
+
+class PipeDataParallelTopology(ProcessTopology):
+    """DeepSpeed's pipeline x data layout: data-parallel peers are adjacent ranks."""
+
+    def __init__(self, num_pp: int, num_dp: int) -> None:
+        super().__init__(["pipe", "data"], [num_pp, num_dp])
+
+
+class PipeModelDataParallelTopology(ProcessTopology):
+    """DeepSpeed's pipeline x data x model (tensor) layout: tensor peers are adjacent ranks."""
+
+    def __init__(self, num_pp: int, num_mp: int, num_dp: int) -> None:
+        super().__init__(["pipe", "data", "model"], [num_pp, num_dp, num_mp])
+
+
+# Our axis names, and the names DeepSpeed's topologies use for the same thing.
+_AXIS_ALIASES = {"dp": "data", "pp": "pipe", "tp": "model", "tensor": "model", "data": "data", "pipe": "pipe", "model": "model"}
+
+
+@dataclass(frozen=True)
+class AxisGroup:
+    """This rank's group along one axis, with its size and this rank's index in it."""
+
+    group: dist.ProcessGroup | None
+    ranks: tuple[int, ...]
+    rank: int
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class Topology:
+    """Named parallel axes over the launched processes, with one torch.distributed group per axis.
+
+    Axes: `data`, `pipe`, `tensor` (DeepSpeed's `model`), and `expert`, which subdivides the
+    data axis (expert-parallel peers are adjacent data-parallel ranks). All groups are created
+    in the constructor, which every rank must call in the same order (group creation is collective).
+    """
+
+    def __init__(self, grid: ProcessTopology, ep_size: int = 1) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("call shardspeed.init_distributed() before building a Topology")
+        if grid.world_size() != dist.get_world_size():
+            raise ValueError(f"topology {grid} covers {grid.world_size()} ranks but the job has {dist.get_world_size()}")
+        dp = grid.get_dim("data")
+        if dp % ep_size:
+            raise ValueError(f"expert-parallel size {ep_size} must divide the data-parallel size {dp}")
+        self.grid = grid
+        self.ep_size = ep_size
+        self.global_rank = dist.get_rank()
+        self._groups: dict[str, AxisGroup] = {}
+        for axis in ("data", "pipe", "model"):
+            self._groups[axis] = self._make(grid.get_axis_comm_lists(axis))
+        data_lists = grid.get_axis_comm_lists("data")
+        self._groups["expert"] = self._make([dl[i:i + ep_size] for dl in data_lists for i in range(0, dp, ep_size)])
+        self._groups["expert_data"] = self._make([dl[i::ep_size] for dl in data_lists for i in range(ep_size)])
+
+    @classmethod
+    def data_parallel(cls) -> "Topology":
+        """Every rank on the data axis: plain data parallelism."""
+        return cls(ProcessTopology(["data"], [dist.get_world_size()]))
+
+    def _make(self, rank_lists: list[list[int]]) -> AxisGroup:
+        mine: AxisGroup | None = None
+        world = dist.get_world_size()
+        for ranks in rank_lists:
+            if len(ranks) == world:
+                group = dist.group.WORLD  # no new communicator for the whole world
+            else:
+                group = dist.new_group(ranks)
+            if self.global_rank in ranks:
+                mine = AxisGroup(group, tuple(ranks), ranks.index(self.global_rank))
+        assert mine is not None, "every rank lies on every axis"
+        return mine
+
+    def axis(self, name: str) -> AxisGroup:
+        """This rank's group on axis `name` (data|dp, pipe|pp, tensor|tp|model, expert|ep, expert_data)."""
+        key = {"ep": "expert"}.get(name, _AXIS_ALIASES.get(name, name))
+        if key not in self._groups:
+            raise KeyError(f"unknown parallel axis {name!r}; known: data, pipe, tensor, expert, expert_data")
+        return self._groups[key]
+
+    def describe(self) -> str:
+        """'dp=2 pp=1 tp=1 ep=1', for log lines."""
+        g = self.grid
+        return f"dp={g.get_dim('data')} pp={g.get_dim('pipe')} tp={g.get_dim('model')} ep={self.ep_size}"

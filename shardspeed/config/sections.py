@@ -1,0 +1,248 @@
+"""Typed models of the ds_config sections, with DeepSpeed 0.19's defaults.
+
+Each field's description is the user-facing documentation of that key. Where DeepSpeed's docs and
+source disagree on a default, the source wins (that is what DeepSpeed users actually get).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from .base import Int, StrictModel
+
+
+class FP16Config(StrictModel):
+    enabled: bool = Field(False, description="Train with fp16 parameters and dynamic/static loss scaling.")
+    auto_cast: bool = Field(False, description="Cast floating-point inputs of forward to fp16.")
+    loss_scale: float = Field(0.0, description="0 selects dynamic loss scaling; any other value is a static scale.")
+    initial_scale_power: Int = Field(16, description="The dynamic scale starts at 2**initial_scale_power.")
+    loss_scale_window: Int = Field(1000, description="Overflow-free steps before the dynamic scale doubles.")
+    hysteresis: Int = Field(2, description="Overflows tolerated before the dynamic scale is lowered.")
+    consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after every overflow-free step.")
+    min_loss_scale: float = Field(1.0, description="The dynamic scale never drops below this.")
+    fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16 (ZeRO offload only).")
+
+
+class BF16Config(StrictModel):
+    enabled: bool = Field(False, description="Train with bf16 parameters and fp32 master weights.")
+    immediate_grad_update: bool = Field(False, description="Accumulate gradients into fp32 as soon as they are produced.")
+    check_grad_overflow: bool = Field(True, description="Check bf16 gradients for inf/nan and skip such steps.")
+    bf16_master_weights_and_grads: bool = Field(False, description="Keep master weights and gradients in bf16.")
+    bf16_optimizer_states: bool = Field(False, description="Keep optimizer states in bf16.")
+
+
+class OffloadOptimizerConfig(StrictModel):
+    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where the optimizer states live.")
+    nvme_path: str | None = Field(None, description="Folder for optimizer swap files when device is nvme.")
+    buffer_count: Int = Field(4, description="Swap buffers for optimizer states.")
+    pin_memory: bool = Field(True, description="Use page-locked host memory (needs a memlock budget).")
+    pipeline_read: bool = Field(False, description="Overlap swap-in reads with the optimizer step.")
+    pipeline_write: bool = Field(False, description="Overlap swap-out writes with the optimizer step.")
+    fast_init: bool = Field(False, description="Skip the swap-file pre-write at start-up.")
+    ratio: float = Field(1.0, description="Fraction of optimizer states offloaded (stage 3 only below 1).")
+    super_offload: bool = Field(False, description="DeepSpeed's SuperOffload mode.")
+    cpuadam_cores_perc: float = Field(0.8, description="Fraction of host cores the CPU optimizer may use.")
+
+
+class OffloadParamConfig(StrictModel):
+    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where stage-3 parameter partitions live.")
+    nvme_path: str | None = Field(None, description="Folder for parameter swap files when device is nvme.")
+    buffer_count: Int = Field(5, description="Swap buffers for parameters.")
+    buffer_size: Int = Field(100_000_000, description="Elements per parameter swap buffer.")
+    max_in_cpu: Int = Field(1_000_000_000, description="Elements kept in host memory when swapping to nvme.")
+    pin_memory: bool = Field(True, description="Use page-locked host memory (needs a memlock budget).")
+
+
+class ZeroConfig(StrictModel):
+    stage: Literal[0, 1, 2, 3] = Field(0, description="0: data parallel; 1: optimizer states; 2: + gradients; 3: + parameters partitioned.")
+    contiguous_gradients: bool = Field(True, description="Copy reduced gradients into one contiguous buffer.")
+    reduce_scatter: bool = Field(True, description="Reduce gradients with reduce-scatter (false: all-reduce).")
+    reduce_bucket_size: Int = Field(500_000_000, description="Elements reduced at once; also the stage-0 all-reduce bucket.")
+    use_multi_rank_bucket_allreduce: bool = Field(True, description="DeepSpeed knob, accepted for compatibility.")
+    allgather_partitions: bool = Field(True, description="All-gather updated partitions (false: broadcast).")
+    allgather_bucket_size: Int = Field(500_000_000, description="Elements all-gathered at once.")
+    overlap_comm: bool | None = Field(None, description="Overlap gradient reduction with backward; default true for stage 3, else false.")
+    load_from_fp32_weights: bool = Field(True, description="Restore master weights from the fp32 copy in checkpoints.")
+    elastic_checkpoint: bool = Field(False, description="Deprecated DeepSpeed key, accepted.")
+    offload_param: OffloadParamConfig | None = Field(None, description="Stage-3 parameter offload.")
+    offload_optimizer: OffloadOptimizerConfig | None = Field(None, description="Optimizer state offload.")
+    zenflow: dict[str, Any] | None = Field(None, description="DeepSpeed ZenFlow; not supported.")
+    sub_group_size: Int = Field(1_000_000_000, description="Elements per optimizer sub-group (offload pipelining).")
+    cpu_offload: bool | None = Field(None, description="Deprecated: use offload_optimizer.device=cpu.")
+    cpu_offload_param: bool | None = Field(None, description="Deprecated: use offload_param.device=cpu.")
+    cpu_offload_use_pin_memory: bool | None = Field(None, description="Deprecated: use offload_*.pin_memory.")
+    prefetch_bucket_size: Int = Field(50_000_000, alias="stage3_prefetch_bucket_size", description="Stage 3: elements prefetched ahead of use.")
+    param_persistence_threshold: Int = Field(100_000, alias="stage3_param_persistence_threshold", description="Stage 3: parameters smaller than this stay whole.")
+    model_persistence_threshold: Int = Field(2**63 - 1, alias="stage3_model_persistence_threshold", description="Stage 3: cap on elements kept whole.")
+    max_live_parameters: Int = Field(1_000_000_000, alias="stage3_max_live_parameters", description="Stage 3: most elements gathered at once.")
+    max_reuse_distance: Int = Field(1_000_000_000, alias="stage3_max_reuse_distance", description="Stage 3: keep a parameter gathered if reused within this many elements.")
+    gather_16bit_weights_on_model_save: bool = Field(False, alias="stage3_gather_16bit_weights_on_model_save", description="Stage 3: consolidate 16-bit weights in save_16bit_model.")
+    stage3_gather_fp16_weights_on_model_save: bool | None = Field(None, description="Deprecated spelling of stage3_gather_16bit_weights_on_model_save.")
+    module_granularity_threshold: Int = Field(0, alias="stage3_module_granularity_threshold", description="Stage 3: fuse small modules into one fetch unit.")
+    use_all_reduce_for_fetch_params: bool = Field(False, alias="stage3_use_all_reduce_for_fetch_params", description="Stage 3: fetch with all-reduce.")
+    allgather_sequential: bool = Field(False, alias="stage3_allgather_sequential", description="Stage 3: gather parameters one by one.")
+    ignore_unused_parameters: bool = Field(True, description="Parameters without gradients are allowed.")
+    legacy_stage1: bool = Field(False, description="DeepSpeed knob, accepted for compatibility.")
+    round_robin_gradients: bool = Field(False, description="Stage 1/2: round-robin gradient copies.")
+    zero_hpz_partition_size: Int = Field(1, description="ZeRO++ hierarchical partitioning.")
+    zero_quantized_weights: bool = Field(False, description="ZeRO++ quantized weights.")
+    zero_quantized_nontrainable_weights: bool = Field(False, description="ZeRO++ quantized frozen weights.")
+    zero_quantized_gradients: bool = Field(False, description="ZeRO++ quantized gradients.")
+    zeropp_loco_param: dict[str, Any] | None = Field(None, description="ZeRO++ LoCo error feedback.")
+    mics_shard_size: Int = Field(-1, description="MiCS shard size.")
+    mics_hierarchical_params_gather: bool = Field(False, description="MiCS hierarchical gather.")
+    memory_efficient_linear: bool = Field(True, description="Stage 3 memory-efficient linear.")
+    pipeline_loading_checkpoint: bool = Field(False, description="Pipeline checkpoint loading.")
+    override_module_apply: bool = Field(True, description="Stage 3: gather parameters inside module.apply.")
+    log_trace_cache_warnings: bool = Field(False, description="Stage 3: warn when the prefetch trace is invalidated.")
+    enable_sanity_checks: bool = Field(False, description="Stage 3 sanity checks.")
+    save_muon_momentum_buffer_in_memory: bool = Field(False, description="Muon optimizer knob.")
+    leaf_module: dict[str, Any] | None = Field(None, description="Stage 3 leaf modules (classes, names, name_suffixes).")
+
+    @model_validator(mode="after")
+    def _map_deprecated(self) -> "ZeroConfig":
+        # DeepSpeed maps its old boolean offload keys onto the offload sections; so do we.
+        if self.cpu_offload and self.offload_optimizer is None:
+            self.offload_optimizer = OffloadOptimizerConfig(device="cpu", pin_memory=bool(self.cpu_offload_use_pin_memory))
+        if self.cpu_offload_param and self.offload_param is None:
+            self.offload_param = OffloadParamConfig(device="cpu", pin_memory=bool(self.cpu_offload_use_pin_memory))
+        if self.stage3_gather_fp16_weights_on_model_save is not None:
+            self.gather_16bit_weights_on_model_save = self.stage3_gather_fp16_weights_on_model_save
+        return self
+
+    @property
+    def overlap_comm_resolved(self) -> bool:
+        """DeepSpeed's rule: unset means on for stage 3 and off otherwise."""
+        return self.overlap_comm if self.overlap_comm is not None else self.stage == 3
+
+
+class AioConfig(StrictModel):
+    block_size: Int = Field(1_048_576, description="Bytes per asynchronous I/O request.")
+    queue_depth: Int = Field(8, description="Outstanding I/O requests.")
+    intra_op_parallelism: Int = Field(1, alias="thread_count", description="I/O threads (DeepSpeed's docs call it thread_count).")
+    single_submit: bool = Field(False, description="Submit requests one at a time.")
+    overlap_events: bool = Field(True, description="Overlap submission and completion.")
+    use_gds: bool = Field(False, description="GPUDirect Storage.")
+
+
+class OptimizerConfig(StrictModel):
+    type: str = Field(..., description="Adam, AdamW, SGD, Adagrad, Lamb, Lion, or any torch.optim class name.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the optimizer.")
+    legacy_fusion: bool = Field(False, description="DeepSpeed knob, accepted for compatibility.")
+
+
+class SchedulerConfig(StrictModel):
+    type: str = Field(..., description="LRRangeTest, OneCycle, WarmupLR, WarmupDecayLR or WarmupCosineLR.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the schedule.")
+
+
+class ActivationCheckpointingConfig(StrictModel):
+    partition_activations: bool = Field(False, description="Split saved inputs across the tensor-parallel group.")
+    contiguous_memory_optimization: bool = Field(False, description="Copy checkpoints into one contiguous buffer.")
+    cpu_checkpointing: bool = Field(False, description="Move saved inputs to host memory.")
+    number_checkpoints: Int | None = Field(None, description="Checkpoints per forward (for contiguous buffers).")
+    synchronize_checkpoint_boundary: bool = Field(False, description="Synchronize the device at each checkpoint.")
+    profile: bool = Field(False, description="Time the checkpointed forward and recompute.")
+
+
+class PipelineConfig(StrictModel):
+    stages: Int | Literal["auto"] = Field("auto", description="Pipeline stages.")
+    partition: str = Field("best", description="Layer partition method.")
+    seed_layers: bool = Field(False, description="Seed each layer's initialisation by its index.")
+    activation_checkpoint_interval: Int = Field(0, description="Checkpoint every N layers (0: off).")
+    pipe_partitioned: bool = Field(True, description="Partition activations sent between stages.")
+    grad_partitioned: bool = Field(True, description="Partition gradients sent between stages.")
+    use_reentrant: bool = Field(True, description="Reentrant activation checkpointing in the pipeline.")
+
+
+class TensorParallelConfig(StrictModel):
+    autotp_size: Int = Field(0, alias="tp_size", description="Tensor-parallel degree for automatic sharding (0 or 1: off).")
+    mpu: Any = Field(None, description="A Megatron-style model-parallel unit.")
+    tp_grain_size: Int = Field(64, description="Shard sizes are multiples of this.")
+    tp_overlap_comm: bool = Field(False, description="Overlap tensor-parallel communication.")
+    preset_model: str | None = Field(None, description="Sharding preset for a known model family.")
+    partition_config: dict[str, Any] | None = Field(None, description="Custom layer sharding specs.")
+
+
+class MoEConfig(StrictModel):
+    enabled: bool = Field(False, description="Mixture-of-experts training.")
+    ep_size: Int = Field(1, description="Expert-parallel degree.")
+    moe_param_group: bool = Field(False, description="Split expert parameters into their own groups.")
+
+
+class TensorBoardConfig(StrictModel):
+    enabled: bool = Field(False, description="Write TensorBoard events on rank 0.")
+    output_path: str = Field("", description="Folder for event files; they go to <output_path>/<job_name> (default: ./<job_name>).")
+    job_name: str = Field("DeepSpeedJobName", description="Sub-folder named for this job.")
+
+
+class CSVMonitorConfig(StrictModel):
+    enabled: bool = Field(False, description="Write one CSV per metric on rank 0.")
+    output_path: str = Field("", description="Folder for CSV files.")
+    job_name: str = Field("DeepSpeedJobName", description="Sub-folder named for this job.")
+
+
+class WandbConfig(StrictModel):
+    enabled: bool = Field(False, description="Log to Weights & Biases on rank 0 (WANDB_MODE=offline works).")
+    group: str | None = Field(None, description="W&B run group.")
+    team: str | None = Field(None, description="W&B entity.")
+    project: str = Field("deepspeed", description="W&B project.")
+
+
+class CometConfig(StrictModel):
+    enabled: bool = Field(False, description="Log to Comet; not supported.")
+    samples_log_interval: Int = 100
+    project: str | None = None
+    workspace: str | None = None
+    api_key: str | None = None
+    experiment_name: str | None = None
+    experiment_key: str | None = None
+    online: bool | None = None
+    mode: str | None = None
+
+
+class FlopsProfilerConfig(StrictModel):
+    enabled: bool = Field(False, description="Profile FLOPs at profile_step.")
+    recompute_fwd_factor: float = 0.0
+    profile_step: Int = 1
+    module_depth: Int = -1
+    top_modules: Int = 1
+    detailed: bool = True
+    output_file: str | None = None
+
+
+class CommsLoggerConfig(StrictModel):
+    enabled: bool = False
+    prof_all: bool = True
+    prof_ops: list[str] = Field(default_factory=list)
+    verbose: bool = False
+    debug: bool = False
+
+
+class CheckpointConfig(StrictModel):
+    tag_validation: Literal["Warn", "Ignore", "Fail", "warn", "ignore", "fail"] = Field("Warn", description="Check that all ranks save under the same tag.")
+    load_universal: bool = False
+    use_node_local_storage: bool = False
+    parallel_write: dict[str, Any] = Field(default_factory=lambda: {"pipeline_stage": False})
+
+
+class DataTypesConfig(StrictModel):
+    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="Dtype of accumulated gradients.")
+    param_dtype: str | None = None
+    buffer_dtype: str | None = None
+
+
+class TorchAutocastConfig(StrictModel):
+    enabled: bool = False
+    dtype: str | None = None
+    lower_precision_safe_modules: list[str] | None = None
+
+
+class ThroughputTimerConfig(StrictModel):
+    enabled: bool = True
+    synchronized: bool = True
+
+
+class TimersConfig(StrictModel):
+    throughput: ThroughputTimerConfig = Field(default_factory=ThroughputTimerConfig)

@@ -1,0 +1,283 @@
+"""The training engine: owns the order of a step and delegates partitioning to a ZeRO strategy.
+
+A step, as DeepSpeed users know it:
+    loss = engine(batch)        # forward (inputs cast for fp16 auto_cast)
+    engine.backward(loss)       # loss / gradient_accumulation_steps, scaled for fp16; gradients
+                                # are all-reduced during this backward only on a boundary
+    engine.step()               # at the boundary: unscale, overflow check, clip, optimizer step,
+                                # LR step; otherwise only counts the micro step
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..accelerator import get_accelerator
+from ..comm.topology import Topology
+from ..config.schema import ShardspeedConfig
+from ..monitor import MonitorMaster, WallClockTimers
+from ..zero import StepResult, ZeroStrategy, build_zero_strategy
+from . import model_checkpoint as checkpointing
+from .loss_scaler import LossScaler
+
+logger = logging.getLogger("shardspeed")
+
+FORWARD, BACKWARD, STEP = "forward", "backward", "step"
+
+
+class ShardspeedEngine(torch.nn.Module):
+    """Wraps the user's module; built by `shardspeed.initialize`, not directly."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        config: ShardspeedConfig,
+        topology: Topology,
+        optimizer: torch.optim.Optimizer | None,
+        lr_scheduler: Any,
+        loss_scaler: LossScaler,
+        training_dataloader: Any = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.config = config
+        self.topology = topology
+        self.accelerator = get_accelerator()
+        self.lr_scheduler = lr_scheduler
+        self.loss_scaler = loss_scaler
+        self.training_dataloader = training_dataloader
+        self.strategy: ZeroStrategy | None = (
+            build_zero_strategy(config, module, optimizer, topology, loss_scaler) if optimizer is not None else None
+        )
+        self.optimizer = optimizer
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._boundary_override: bool | None = None
+        self._step_applied = False
+        self._global_grad_norm: float | None = None
+        self._window_losses: list[torch.Tensor] = []
+        self._last_print = (time.perf_counter(), 0)
+        self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
+        self.monitor = MonitorMaster(config.tensorboard, config.csv_monitor, config.wandb, rank=self.global_rank)
+
+    # ---- DeepSpeed-named accessors, read from the typed config ------------------------------
+    def train_batch_size(self) -> int:
+        return self.config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    def zero_optimization_stage(self) -> int:
+        return self.config.zero_stage
+
+    def gradient_clipping(self) -> float:
+        return self.config.gradient_clipping
+
+    def fp16_enabled(self) -> bool:
+        return self.config.fp16.enabled
+
+    def bfloat16_enabled(self) -> bool:
+        return self.config.bf16.enabled
+
+    def steps_per_print(self) -> int | None:
+        return self.config.steps_per_print
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device(self.local_rank)
+
+    @property
+    def local_rank(self) -> int:
+        import os
+
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    @property
+    def global_rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def dp_world_size(self) -> int:
+        return self.topology.axis("data").size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topology.axis("data").rank
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups] if self.optimizer else []
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._global_grad_norm
+
+    def was_step_applied(self) -> bool:
+        return self._step_applied
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        if self._boundary_override is not None:
+            return self._boundary_override
+        if not self.config.managed_gradient_accumulation:
+            return True
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Override the boundary for the next backward/step (DeepSpeed's manual accumulation hook)."""
+        self._boundary_override = is_boundary
+
+    # ---- the step ------------------------------------------------------------------------------
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self.config.fp16.enabled and self.config.fp16.auto_cast:
+            inputs, kwargs = _cast_floats((inputs, kwargs), torch.float16)
+        self.timers(FORWARD).start()
+        out = self.module(*inputs, **kwargs)
+        self.timers(FORWARD).stop()
+        return out
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of `loss` / gradient_accumulation_steps; returns the loss it was given."""
+        self._require_optimizer("backward")
+        if not loss.requires_grad:
+            raise RuntimeError("engine.backward: the loss does not require grad (was it computed under torch.no_grad()?)")
+        self._window_losses.append(loss.detach())
+        gas = self.gradient_accumulation_steps()
+        scaled = loss / gas if scale_wrt_gas and gas > 1 else loss
+        self.timers(BACKWARD).start()
+        self.strategy.prepare_backward(self.is_gradient_accumulation_boundary())
+        self.strategy.backward(scaled, retain_graph=retain_graph)
+        self.timers(BACKWARD).stop()
+        return loss
+
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """Count the micro step; at an accumulation boundary, take the optimizer step."""
+        self._require_optimizer("step")
+        if self.is_gradient_accumulation_boundary():
+            self.timers(STEP).start()
+            result = self.strategy.step(self.config.gradient_clipping)
+            self.strategy.zero_grad()
+            self.timers(STEP).stop()
+            self._after_model_step(result, lr_kwargs)
+        self.micro_steps += 1
+        self._boundary_override = None
+
+    def _after_model_step(self, result: StepResult, lr_kwargs: dict[str, Any] | None) -> None:
+        self._step_applied = result.applied
+        self._global_grad_norm = result.grad_norm
+        if result.applied:
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(**(lr_kwargs or {}))
+        else:
+            self.skipped_steps += 1
+            logger.info("[rank %d] fp16 overflow: step %d skipped, loss scale now %s", self.global_rank, self.global_steps, self.loss_scaler.loss_scale)
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        window_loss = torch.stack(self._window_losses).float().mean().item() if self._window_losses else float("nan")
+        self._window_losses.clear()
+        self._report(window_loss)
+
+    def _report(self, loss: float) -> None:
+        if self.monitor.enabled:
+            self.monitor.write_events([
+                ("Train/Samples/train_loss", loss, self.global_samples),
+                ("Train/Samples/lr", self.get_lr()[0], self.global_samples),
+                ("Train/Samples/loss_scale", self.loss_scaler.loss_scale, self.global_samples),
+            ])
+        every = self.config.steps_per_print
+        if every and self.global_steps % every == 0:
+            now = time.perf_counter()
+            then, steps = self._last_print
+            rate = (self.global_steps - steps) * self.train_batch_size() / max(now - then, 1e-9)
+            self._last_print = (now, self.global_steps)
+            if self.global_rank == 0:
+                logger.info(
+                    "[rank 0 | %s] step=%d skipped=%d loss=%.4f lr=%s loss_scale=%s samples/s=%.1f",
+                    self.topology.describe(), self.global_steps, self.skipped_steps, loss,
+                    [f"{lr:.3e}" for lr in self.get_lr()], self.loss_scaler.loss_scale, rate,
+                )
+            if self.config.wall_clock_breakdown:
+                self.timers.log([FORWARD, BACKWARD, STEP], normalizer=every)
+        if self.config.memory_breakdown and every and self.global_steps % every == 0 and self.global_rank == 0:
+            logger.info("[rank 0] memory breakdown (bytes): %s", self.memory_breakdown())
+
+    def zero_grad(self) -> None:
+        if self.strategy is not None:
+            self.strategy.zero_grad()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients, master weights and optimizer states."""
+        if self.strategy is None:
+            return {"parameters": sum(p.numel() * p.element_size() for p in self.module.parameters())}
+        return self.strategy.memory_breakdown()
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate without communicating, whatever the boundary says."""
+        previous = self._boundary_override
+        self._boundary_override = False
+        try:
+            yield
+        finally:
+            self._boundary_override = previous
+
+    def _require_optimizer(self, what: str) -> None:
+        if self.strategy is None:
+            raise RuntimeError(
+                f"engine.{what}() needs an optimizer: pass optimizer= to initialize or add an `optimizer` section to the config"
+            )
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        """Every rank must call this. Atomic: a crash mid-save leaves the previous checkpoint loadable."""
+        return checkpointing.save(self, save_dir, tag, client_state or {}, save_latest, exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict]:
+        return checkpointing.load(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                                  load_lr_scheduler_states, load_module_only)
+
+    def module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+        state = self.module.state_dict()
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        return checkpointing.save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
+        """The full state dict on rank 0 (at stages 0-2 the module already holds it)."""
+        if self.global_rank != 0:
+            return None
+        return {k: v.detach().clone() for k, v in self.module_state_dict(exclude_frozen_parameters).items()}
+
+    def destroy(self) -> None:
+        self.monitor.close()
+        if self.strategy is not None and hasattr(self.strategy, "reducer"):
+            self.strategy.reducer.remove()
+
+
+def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj

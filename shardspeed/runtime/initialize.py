@@ -1,0 +1,176 @@
+"""`shardspeed.initialize`: DeepSpeed's entry point, with its signature and return values.
+
+Order of work: distributed set-up -> topology -> config (parsed once, "auto" resolved against the
+model and world size) -> module placed, cast and made identical on every rank -> optimizer ->
+engine with its ZeRO strategy -> LR schedule -> dataloader.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from ..accelerator import get_accelerator
+from ..comm.init import init_distributed
+from ..comm.topology import Topology
+from ..config import ConfigError, ResolveContext, load_config
+from ..config.schema import ShardspeedConfig
+from .dataloader import ShardspeedDataLoader
+from .engine import ShardspeedEngine
+from .loss_scaler import make_loss_scaler
+from .lr_schedules import build_lr_scheduler
+from .optimizers import build_optimizer
+
+logger = logging.getLogger("shardspeed")
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | Callable[..., torch.optim.Optimizer] | None = None,
+    model_parameters: Any = None,
+    training_data: torch.utils.data.Dataset | None = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Callable[..., Any] | None = None,
+    config: dict[str, Any] | str | os.PathLike[str] | None = None,
+    mesh_param: Any = None,
+    config_params: dict[str, Any] | str | None = None,
+) -> tuple[ShardspeedEngine, torch.optim.Optimizer | None, ShardspeedDataLoader | None, Any]:
+    """Wrap `model` for training; returns (engine, optimizer, training_dataloader, lr_scheduler)."""
+    if model is None:
+        raise ValueError("shardspeed.initialize needs model=")
+    if mpu is not None or mesh_param is not None:
+        raise NotImplementedError("initialize(mpu=..., mesh_param=...) is not supported yet by shardspeed: model parallelism arrives later")
+    raw_config = _pick_config(args, config, config_params)
+    init_distributed(distributed_port=distributed_port, dist_init_required=None if not dist.is_initialized() else dist_init_required)
+    topology = Topology.data_parallel()
+    cfg = load_config(raw_config, ResolveContext(topology.axis("data").size, _model_dtype(model), _hidden_size(model)))
+    _check_supported(cfg)
+    if cfg.log_level:
+        logger.setLevel(cfg.log_level.upper())
+    if cfg.dump_state and dist.get_rank() == 0:
+        logger.info("shardspeed config: %s", cfg.model_dump_json(indent=1))
+
+    model = _place_module(model, cfg, topology)
+    base_optimizer = _make_optimizer(optimizer, model_parameters, model, cfg)
+    dataloader = None
+    if training_data is not None:
+        dp = topology.axis("data")
+        dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
+                                          collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
+    engine = ShardspeedEngine(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
+    engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
+    return engine, engine.optimizer, dataloader, engine.lr_scheduler
+
+
+def _pick_config(args: Any, config: Any, config_params: Any) -> Any:
+    """The config from exactly one of: config=, config_params=, args.deepspeed_config / args.shardspeed_config."""
+    from_args = None
+    if args is not None:
+        for attr in ("deepspeed_config", "shardspeed_config", "deepscale_config"):
+            value = getattr(args, attr, None)
+            if value:
+                from_args = value
+                break
+        if from_args is None and isinstance(getattr(args, "deepspeed", None), str):
+            from_args = args.deepspeed
+    given = [c for c in (config, config_params, from_args) if c is not None]
+    if not given:
+        raise ConfigError("no config: pass config= to initialize, or --deepspeed_config on the command line")
+    if len(given) > 1:
+        raise ConfigError(
+            "more than one config given (config=, config_params= and args.deepspeed_config); pass exactly one"
+        )
+    return given[0]
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    hf_config = getattr(model, "config", None)
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(hf_config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _check_supported(cfg: ShardspeedConfig) -> None:
+    """Refuse switched-on features that later versions bring, rather than ignoring them."""
+    pending = {
+        "tensor_parallel.tp_size": cfg.tensor_parallel.autotp_size > 1,
+        "moe.enabled": cfg.moe.enabled,
+        "moe_expert_parallel_size": cfg.moe_expert_parallel_size > 1,
+        "flops_profiler.enabled": cfg.flops_profiler.enabled,
+        "comms_logger.enabled": cfg.comms_logger.enabled,
+        "comet.enabled": cfg.comet.enabled,
+        "torch_autocast.enabled": cfg.torch_autocast.enabled,
+        "sparse_gradients": cfg.sparse_gradients,
+        "checkpoint.load_universal": cfg.checkpoint.load_universal,
+    }
+    for key, on in pending.items():
+        if on:
+            raise ConfigError(f"`{key}` is not supported yet by shardspeed; remove it from the config")
+
+
+def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topology) -> torch.nn.Module:
+    """Move to this rank's device, cast to the training dtype, and copy rank 0's weights everywhere."""
+    device = get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0")))
+    model.to(device)
+    if cfg.fp16.enabled:
+        model.half()
+    elif cfg.bf16.enabled:
+        model.bfloat16()
+    dp = topology.axis("data")
+    if dp.size > 1:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=dp.ranks[0], group=dp.group)
+    return model
+
+
+def _make_optimizer(optimizer: Any, model_parameters: Any, model: torch.nn.Module, cfg: ShardspeedConfig) -> torch.optim.Optimizer | None:
+    params = list(model_parameters) if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    if optimizer is not None and cfg.optimizer is not None:
+        raise ConfigError("an optimizer was passed to initialize and the config has an `optimizer` section; keep one")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    if callable(optimizer):
+        return optimizer(params)
+    if cfg.optimizer is not None:
+        return build_optimizer(cfg.optimizer.type, cfg.optimizer.params, params)
+    return None
+
+
+def _make_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer | None, cfg: ShardspeedConfig) -> Any:
+    if lr_scheduler is not None and cfg.scheduler is not None:
+        raise ConfigError("an lr_scheduler was passed to initialize and the config has a `scheduler` section; keep one")
+    if lr_scheduler is not None and not hasattr(lr_scheduler, "step") and callable(lr_scheduler):
+        return lr_scheduler(optimizer)
+    if lr_scheduler is not None:
+        return lr_scheduler
+    if cfg.scheduler is not None:
+        if optimizer is None:
+            raise ConfigError("the config has a `scheduler` section but there is no optimizer to schedule")
+        return build_lr_scheduler(cfg.scheduler.type, cfg.scheduler.params, optimizer)
+    return None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add DeepSpeed's `--deepspeed` and `--deepspeed_config` (and `--shardspeed_config`)."""
+    group = parser.add_argument_group("shardspeed", "shardspeed / DeepSpeed configuration")
+    group.add_argument("--deepspeed", default=False, action="store_true", help="Enable shardspeed (DeepSpeed-compatible flag).")
+    group.add_argument("--deepspeed_config", default=None, type=str, help="Path to the ds_config JSON file.")
+    group.add_argument("--shardspeed_config", default=None, type=str, help="Same as --deepspeed_config.")
+    group.add_argument("--deepscale", default=False, action="store_true", help=argparse.SUPPRESS)
+    group.add_argument("--deepscale_config", default=None, type=str, help=argparse.SUPPRESS)
+    return parser

@@ -1,0 +1,168 @@
+"""Engine checkpoints with DeepSpeed's layout and semantics, written so a crash never loses one.
+
+    save_dir/
+      latest                      the newest complete tag (replaced last, atomically)
+      <tag>/manifest.json         SHA-256 of every file below
+      <tag>/mp_rank_00_model_states.pt   module, counters, LR schedule, client state (rank 0)
+      <tag>/rank_<r>_states.pt    this rank's optimizer-side state and RNG states
+
+A save goes to `save_dir/.<tag>.partial`, which rank 0 renames to `<tag>` once every rank has
+written and the manifest is complete; only then is `latest` replaced.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint_io import CheckpointError, atomic_write_bytes, fsync_dir, load_verified, read_manifest, save_torch, write_manifest
+
+if TYPE_CHECKING:
+    from .engine import ShardspeedEngine
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+LATEST = "latest"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank}_states.pt"
+
+
+def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_state: dict[str, Any],
+         save_latest: bool, exclude_frozen: bool) -> bool:
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    root = Path(save_dir)
+    rank = engine.global_rank
+    partial = root / f".{tag}.partial"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed save
+        partial.mkdir()
+    dist.barrier()
+    digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
+    if rank == 0:
+        digests[MODEL_FILE] = save_torch(_model_state(engine, client_state, exclude_frozen), partial / MODEL_FILE)
+    gathered: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, digests)
+    if rank == 0:
+        write_manifest(partial, {k: v for d in gathered for k, v in d.items()},
+                       {"tag": tag, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()})
+        final = root / tag
+        if final.exists():
+            stale = root / f".{tag}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            final.rename(stale)
+            partial.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            partial.rename(final)
+        fsync_dir(root)
+        if save_latest:
+            atomic_write_bytes(root / LATEST, tag.encode())
+    dist.barrier()
+    return True
+
+
+def _model_state(engine: "ShardspeedEngine", client_state: dict[str, Any], exclude_frozen: bool) -> dict[str, Any]:
+    return {
+        "module": engine.module_state_dict(exclude_frozen),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "state_dict") else None,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "micro_steps": engine.micro_steps,
+        "skipped_steps": engine.skipped_steps,
+        "dp_world_size": engine.dp_world_size,
+        "zero_stage": engine.zero_optimization_stage(),
+        "client_state": client_state,
+    }
+
+
+def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+        "optimizer": engine.strategy.state_dict() if engine.strategy is not None else None,
+        "dataloader_epoch": getattr(engine.training_dataloader, "epoch", None),
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    try:
+        import numpy as np
+
+        state["rng"]["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is optional
+        pass
+    return state
+
+
+def resolve_tag(root: Path, tag: str | None) -> str | None:
+    if tag is not None:
+        return str(tag)
+    latest = root / LATEST
+    if not latest.is_file():
+        return None
+    return latest.read_text().strip()
+
+
+def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: bool, load_optimizer_states: bool,
+         load_lr_scheduler_states: bool, load_module_only: bool) -> tuple[str | None, dict[str, Any] | None]:
+    root = Path(load_dir)
+    tag = resolve_tag(root, tag)
+    if tag is None:
+        if engine.global_rank == 0:
+            import logging
+
+            logging.getLogger("shardspeed").warning("no `latest` file in %s and no tag given: nothing loaded", root)
+        return None, None
+    folder = root / tag
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder `{folder}` does not exist (tag {tag!r})")
+    manifest = read_manifest(folder)
+    model_state = load_verified(folder, MODEL_FILE, manifest)
+    engine.module.load_state_dict(model_state["module"], strict=strict)
+    if load_module_only:
+        return str(folder), model_state["client_state"]
+    saved_world = manifest.get("world_size")
+    if saved_world != dist.get_world_size():
+        raise CheckpointError(
+            f"checkpoint `{folder}` was saved by {saved_world} ranks and this job has {dist.get_world_size()}; "
+            "loading at another world size needs load_module_only=True in this version"
+        )
+    rank_state = load_verified(folder, _rank_file(engine.global_rank), manifest)
+    if load_optimizer_states and engine.strategy is not None and rank_state["optimizer"] is not None:
+        engine.strategy.load_state_dict(rank_state["optimizer"])
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
+    for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+        setattr(engine, key, model_state[key])
+    _restore_rng(rank_state["rng"])
+    if rank_state.get("dataloader_epoch") is not None and engine.training_dataloader is not None:
+        engine.training_dataloader.set_epoch(rank_state["dataloader_epoch"])
+    return str(folder), model_state["client_state"]
+
+
+def _restore_rng(rng: dict[str, Any]) -> None:
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if "numpy" in rng:
+        import numpy as np
+
+        np.random.set_state(rng["numpy"])
+
+
+def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, exclude_frozen: bool) -> bool:
+    """The module's weights in their training dtype, as one torch file written by rank 0."""
+    if engine.global_rank == 0:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in engine.module_state_dict(exclude_frozen).items()}
+        save_torch(state, Path(save_dir) / filename)
+    dist.barrier()
+    return True
+
+
+__all__ = ["CheckpointError", "load", "save", "save_16bit_model"]

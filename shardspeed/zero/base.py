@@ -1,0 +1,78 @@
+"""The one interface every ZeRO stage implements, and the gradient arithmetic they share.
+
+The engine owns the order of a training step; a strategy owns where parameters, gradients and
+optimizer states live and how gradients are combined across data-parallel ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+# DeepSpeed and torch both add this to the norm before dividing, so a zero norm never divides by 0.
+CLIP_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class StepResult:
+    applied: bool  # False when an overflow skipped the step
+    overflow: bool
+    grad_norm: float  # global norm of the unscaled gradients, before clipping
+
+
+class ZeroStrategy(Protocol):
+    """What the engine asks of a stage. One object per engine, chosen by `build_zero_strategy`."""
+
+    optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups the LR schedule drives
+
+    def prepare_backward(self, boundary: bool) -> None:
+        """Before a backward: whether this micro step ends an accumulation window."""
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Backward of `loss` (already divided by the accumulation steps), scaled for fp16."""
+
+    def step(self, max_norm: float) -> StepResult:
+        """At a boundary: unscale, detect overflow on any rank, clip, step, publish updated parameters."""
+
+    def zero_grad(self) -> None:
+        """Forget accumulated gradients (after a step)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer-side state this rank holds, for checkpoints."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters, gradients, master_weights, optimizer_states."""
+
+
+def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The L2 norm of all `grads` in fp32; with `group`, the squared sums are added across it first."""
+    if grads:
+        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        squared = torch.stack(norms).square().sum()
+    else:
+        squared = torch.zeros((), dtype=torch.float32)
+    if group is not None:
+        dist.all_reduce(squared, group=group)
+    return squared.sqrt()
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """The factor gradients are multiplied by so their global norm is at most `max_norm` (0: off)."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + CLIP_EPS))
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of every tensor found in a (nested) container."""
+    if isinstance(tensors, torch.Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, dict):
+        return sum(tensor_bytes(v) for v in tensors.values())
+    if isinstance(tensors, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tensors)
+    return 0

@@ -1,0 +1,122 @@
+"""Stage 0: plain data parallelism. Every rank holds everything; gradients are averaged by a
+bucketed all-reduce that overlaps the backward pass.
+
+With bf16/fp16 the model holds 16-bit parameters and the optimizer steps fp32 master copies;
+the updated masters are copied back into the model after each step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..comm.grad_buckets import GradientBucketReducer
+from ..comm.topology import AxisGroup
+from ..runtime.loss_scaler import LossScaler
+from .base import StepResult, clip_factor, grad_norm, tensor_bytes
+
+
+class ReplicatedOptimizer:
+    """The stage-0 `ZeroStrategy`: replicated states, all-reduced gradients."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: AxisGroup,
+        loss_scaler: LossScaler,
+        bucket_elements: int,
+        check_overflow: bool,
+        comm_dtype: torch.dtype | None = None,
+        predivide: float | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.loss_scaler = loss_scaler
+        self.check_overflow = check_overflow
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.masters = _attach_master_weights(optimizer, self.params)
+        self.reducer = GradientBucketReducer(self.params, dp, bucket_elements, comm_dtype, predivide)
+
+    def prepare_backward(self, boundary: bool) -> None:
+        self.reducer.prepare(sync=boundary)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        scale = self.loss_scaler.loss_scale
+        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+
+    def step(self, max_norm: float) -> StepResult:
+        grads = self._master_grads()
+        scale = self.loss_scaler.loss_scale
+        # Gradients are identical on every rank after the all-reduce (an inf/nan anywhere becomes
+        # inf/nan everywhere), so each rank reaches the same overflow verdict without a collective.
+        norm = grad_norm(grads).item() / scale
+        overflow = self.check_overflow and not math.isfinite(norm)
+        self.loss_scaler.update_scale(overflow)
+        if overflow:
+            self._drop_master_grads()
+            return StepResult(applied=False, overflow=True, grad_norm=norm)
+        factor = clip_factor(norm, max_norm) / scale
+        if factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+        self.optimizer.step()
+        if self.masters:
+            torch._foreach_copy_([p.data for p in self.masters], list(self.masters.values()))
+            self._drop_master_grads()
+        return StepResult(applied=True, overflow=False, grad_norm=norm)
+
+    def _master_grads(self) -> list[torch.Tensor]:
+        if not self.masters:
+            return [p.grad for p in self.params if p.grad is not None]
+        for param, master in self.masters.items():
+            master.grad = param.grad.float()
+        return [m.grad for m in self.masters.values()]
+
+    def _drop_master_grads(self) -> None:
+        for master in self.masters.values():
+            master.grad = None
+
+    def zero_grad(self) -> None:
+        self.reducer.zero()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "master_weights": [m.detach().clone() for m in self.masters.values()],
+            "loss_scaler": self.loss_scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("master_weights") or []
+        if self.masters and len(saved) == len(self.masters):
+            for (param, master), value in zip(self.masters.items(), saved):
+                master.data.copy_(value)
+        elif self.masters:
+            # No fp32 copy saved (e.g. an fp32 run's checkpoint): start masters from the model.
+            for param, master in self.masters.items():
+                master.data.copy_(param.data.float())
+        self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+    def memory_breakdown(self) -> dict[str, int]:
+        return {
+            "parameters": tensor_bytes(self.params),
+            "gradients": self.reducer.buffer_bytes(),
+            "master_weights": tensor_bytes(list(self.masters.values())),
+            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
+        }
+
+
+def _attach_master_weights(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> dict[torch.nn.Parameter, torch.nn.Parameter]:
+    """Give the optimizer fp32 copies of the trainable 16-bit params (mapping model param -> master)."""
+    masters: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
+    trainable = set(params)
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group["params"]):
+            if p in trainable and p.dtype in (torch.float16, torch.bfloat16):
+                master = torch.nn.Parameter(p.detach().float().clone())
+                if p in optimizer.state:
+                    optimizer.state[master] = optimizer.state.pop(p)
+                masters[p] = master
+                group["params"][i] = master
+    return masters
