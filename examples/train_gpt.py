@@ -1,0 +1,108 @@
+"""Train a small GPT on the Python standard library's source, byte by byte, with shardspeed.
+
+    shardspeed --num_gpus 2 examples/train_gpt.py --deepspeed_config examples/configs/stage0_fp32.json
+
+Written against DeepSpeed's API: replace `import shardspeed as deepspeed` with `import deepspeed`
+and it runs under DeepSpeed too. Rank 0 shows a progress bar with loss and tokens/s, saves a
+checkpoint at the end (and resumes from it when started again), and prints a one-line summary.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import shardspeed as deepspeed  # noqa: E402
+from gpt import GPT, GPTConfig, num_parameters  # noqa: E402
+from stdlib_corpus import train_val_split  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the launcher.")
+    parser.add_argument("--steps", type=int, default=100, help="Optimizer steps to run in this invocation.")
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--corpus_bytes", type=int, default=4_000_000, help="Bytes of stdlib source to train on.")
+    parser.add_argument("--save_dir", default="checkpoints/gpt", help="Checkpoint folder; resumed from if it has one.")
+    parser.add_argument("--no_resume", action="store_true", help="Start fresh even if save_dir has a checkpoint.")
+    parser.add_argument("--seed", type=int, default=1234)
+    deepspeed.add_config_arguments(parser)
+    return parser.parse_args()
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, batches: int = 8) -> float:
+    engine.eval()
+    micro = engine.train_micro_batch_size_per_gpu()
+    losses = []
+    for i in range(min(batches, len(dataset) // micro)):
+        items = [dataset[i * micro + j] for j in range(micro)]
+        ids = torch.stack([it["input_ids"] for it in items]).to(engine.device)
+        labels = torch.stack([it["labels"] for it in items]).to(engine.device)
+        losses.append(engine(ids, labels).item())
+    engine.train()
+    return sum(losses) / max(len(losses), 1)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    deepspeed.init_distributed()
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(args.seed)
+    train_set, val_set = train_val_split(args.seq_len, args.corpus_bytes)
+    model = GPT(GPTConfig(seq_len=args.seq_len, num_layers=args.layers, hidden_size=args.hidden, num_heads=args.heads))
+    engine, _, loader, _ = deepspeed.initialize(args=args, model=model, training_data=train_set)
+
+    if not args.no_resume and os.path.isfile(os.path.join(args.save_dir, "latest")):
+        path, client = engine.load_checkpoint(args.save_dir)
+        if rank == 0:
+            print(f"resumed from {path} at step {engine.global_steps}")
+
+    tokens_per_step = engine.train_batch_size() * args.seq_len
+    gas = engine.gradient_accumulation_steps()
+    bar = tqdm(total=args.steps, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
+    start_step, t0, loss_sum = engine.global_steps, time.perf_counter(), 0.0
+    batches = iter(loader)
+    while engine.global_steps < start_step + args.steps:
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch
+            batches = iter(loader)
+            continue
+        loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+        engine.backward(loss)
+        loss_sum += loss.item() / gas
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        if boundary:
+            elapsed = time.perf_counter() - t0
+            done = engine.global_steps - start_step
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{done * tokens_per_step / elapsed:,.0f}")
+            bar.update(1)
+            last_loss, loss_sum = loss_sum, 0.0
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    val_loss = evaluate(engine, val_set)
+    engine.save_checkpoint(args.save_dir, client_state={"val_loss": val_loss})
+    if rank == 0:
+        print(
+            f"summary: {num_parameters(model) / 1e6:.2f}M params, world {engine.world_size}, "
+            f"stage {engine.zero_optimization_stage()}, steps {engine.global_steps}, train loss {last_loss:.4f}, "
+            f"val loss {val_loss:.4f}, {args.steps * tokens_per_step / elapsed:,.0f} tokens/s, "
+            f"checkpoint {os.path.join(args.save_dir, 'global_step' + str(engine.global_steps))}"
+        )
+    engine.destroy()
+
+
+if __name__ == "__main__":
+    main()
