@@ -39,29 +39,30 @@ def detect_launch_env(env: Mapping[str, str] | None = None, default_port: int = 
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(
-            "torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), int(env.get("LOCAL_RANK", "0")),
-            env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)),
+            "torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", "0"),
+            env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", str(default_port)),
         )
     if "OMPI_COMM_WORLD_RANK" in env:
         return LaunchEnv(
             "openmpi", _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
-            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
-            env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", str(default_port)),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         return LaunchEnv(
-            "slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), int(env.get("SLURM_LOCALID", "0")),
-            env.get("MASTER_ADDR") or first_slurm_host(nodelist), int(env.get("MASTER_PORT", default_port)),
+            "slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID", "0"),
+            env.get("MASTER_ADDR") or first_slurm_host(nodelist), _int(env, "MASTER_PORT", str(default_port)),
         )
     return LaunchEnv("none", 0, 1, 0, "127.0.0.1", default_port)
 
 
-def _int(env: Mapping[str, str], key: str) -> int:
+def _int(env: Mapping[str, str], key: str, default: str | None = None) -> int:
+    value = env.get(key, default)
     try:
-        return int(env[key])
-    except ValueError:
-        raise ValueError(f"environment variable {key}={env[key]!r} is not an integer") from None
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import namedtuple
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -24,7 +26,9 @@ class ProcessTopology:
             raise ValueError(f"every axis size must be positive, got {dict(zip(axes, dims))}")
         self.axes = list(axes)
         self.dims = list(dims)
-        self._coords = list(itertools.product(*(range(d) for d in dims)))
+        # DeepSpeed hands out coordinates as a namedtuple, so `get_coord(r).pipe` works.
+        self.ProcessCoord = namedtuple("ProcessCoord", self.axes)
+        self._coords = [self.ProcessCoord(*c) for c in itertools.product(*(range(d) for d in dims))]
 
     def world_size(self) -> int:
         return math.prod(self.dims)
@@ -35,16 +39,19 @@ class ProcessTopology:
     def get_axis_names(self) -> list[str]:
         return list(self.axes)
 
-    def get_coord(self, rank: int) -> dict[str, int]:
+    def get_coord(self, rank: int) -> Any:
+        """This rank's coordinates, a namedtuple with one field per axis."""
         if not 0 <= rank < self.world_size():
             raise ValueError(f"rank {rank} is outside a topology of {self.world_size()} ranks")
-        return dict(zip(self.axes, self._coords[rank]))
+        return self._coords[rank]
 
     def get_rank(self, **coords: int) -> int:
         if set(coords) != set(self.axes):
             raise ValueError(f"get_rank needs a coordinate for each of {self.axes}, got {sorted(coords)}")
         rank = 0
         for axis, dim in zip(self.axes, self.dims):
+            if not 0 <= coords[axis] < dim:
+                raise ValueError(f"coordinate {axis}={coords[axis]} is outside 0..{dim - 1}")
             rank = rank * dim + coords[axis]
         return rank
 
@@ -61,10 +68,10 @@ class ProcessTopology:
 
     def get_axis_list(self, axis: str, idx: int) -> list[int]:
         """Ranks whose coordinate on `axis` equals `idx`."""
-        return [r for r in range(self.world_size()) if self.get_coord(r)[axis] == idx]
+        return [r for r in range(self.world_size()) if getattr(self.get_coord(r), axis) == idx]
 
     def filter_match(self, **filters: int) -> list[int]:
-        return [r for r in range(self.world_size()) if all(self.get_coord(r)[k] == v for k, v in filters.items())]
+        return [r for r in range(self.world_size()) if all(getattr(self.get_coord(r), k) == v for k, v in filters.items())]
 
     def __repr__(self) -> str:
         return f"ProcessTopology({dict(zip(self.axes, self.dims))})"

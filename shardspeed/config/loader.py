@@ -37,7 +37,7 @@ def read_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, An
     """A deep copy of the user's config as a dict, from a dict, a JSON file path or a JSON string."""
     if isinstance(config, dict):
         return copy.deepcopy(config)
-    if isinstance(config, os.PathLike) or (isinstance(config, str) and not config.lstrip().startswith("{")):
+    if isinstance(config, os.PathLike) or (isinstance(config, str) and not config.lstrip().startswith(("{", "["))):
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"config file `{path}` does not exist (pass a dict, a path or a JSON string)")
@@ -86,7 +86,10 @@ def _describe(err: ValidationError) -> str:
         if problem["type"] == "extra_forbidden":
             section = _section_at(ShardspeedConfig, loc[:-1])
             candidates = section.accepted_keys() if section else []
-            lines.append(unknown_key_message(".".join(loc[:-1]), loc[-1], candidates))
+            message = unknown_key_message(".".join(loc[:-1]), loc[-1], candidates)
+            if len(loc) > 1 and loc[-1] in ShardspeedConfig.accepted_keys():
+                message += f" (`{loc[-1]}` is a top-level section: move it out of `{'.'.join(loc[:-1])}`)"
+            lines.append(message)
         else:
             lines.append(f"config key `{'.'.join(loc)}`: {problem['msg']} (got {problem.get('input')!r})")
     return "invalid ds_config:\n  " + "\n  ".join(lines)
@@ -131,12 +134,16 @@ def resolve_autos(cfg: ShardspeedConfig, autos: set[str], ctx: ResolveContext) -
 
 
 _BATCH_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+# Keys whose typed field holds "auto" itself (DeepSpeed's own default value there).
+_LITERAL_AUTO = {"pipeline.stages", "data_types.keep_in_fp32_modules"}
 
 
 def _resolve_one(cfg: ShardspeedConfig, key: str, ctx: ResolveContext) -> bool:
     zero = cfg.zero_optimization
     if key in _BATCH_KEYS:
         return True  # left unset; the batch triangle completes it from the others
+    if key in _LITERAL_AUTO:
+        return True  # the field's default is "auto" already
     if key in ("fp16.enabled", "bf16.enabled", "bfloat16.enabled") and ctx.model_dtype is not None:
         section = cfg.fp16 if key.startswith("fp16") else cfg.bf16
         section.enabled = ctx.model_dtype == (torch.float16 if key.startswith("fp16") else torch.bfloat16)
@@ -167,7 +174,9 @@ def check_unimplemented(cfg: ShardspeedConfig) -> None:
     """Refuse sections whose feature shardspeed does not have yet, instead of ignoring them."""
     for name in UNIMPLEMENTED_SECTIONS:
         section = getattr(cfg, name)
-        if section and section.get("enabled", True) not in (False, None):
+        # Switched on: `enabled` is true, or (no `enabled` key) some option is set to a true value.
+        on = bool(section.get("enabled")) if section and "enabled" in section else any(section.values()) if section else False
+        if on:
             raise ConfigError(f"config section `{name}` is not supported yet by shardspeed; remove it or set `{name}.enabled` to false")
     if cfg.fp16.enabled and cfg.bf16.enabled:
         raise ConfigError("`fp16.enabled` and `bf16.enabled` are both true; enable at most one")

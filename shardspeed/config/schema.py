@@ -77,7 +77,8 @@ class ShardspeedConfig(StrictModel):
     zero_force_ds_cpu_optimizer: bool = Field(True, description="Require the fast CPU optimizer with offload.")
     dataloader_drop_last: bool = Field(False, description="Drop the last incomplete batch of training_data.")
     vocabulary_size: Int | None = None
-    graph_harvesting: bool = False
+    graph_harvesting: bool = Field(False, description="CUDA-graph harvesting; not supported.")
+    disable_python_gc: bool = Field(False, description="Turn off Python's cyclic garbage collector during training.")
     use_data_before_expert_parallelism: bool = False
     moe_expert_parallel_size: Int = Field(1, description="Expert-parallel degree.")
 

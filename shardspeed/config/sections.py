@@ -7,20 +7,28 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Int, StrictModel
+
+
+# DeepSpeed's default stage-3 leaf modules: MoE blocks whose experts run data-dependently.
+DEFAULT_LEAF_CLASSES = (
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock",
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock",
+)
 
 
 class FP16Config(StrictModel):
     enabled: bool = Field(False, description="Train with fp16 parameters and dynamic/static loss scaling.")
     auto_cast: bool = Field(False, description="Cast floating-point inputs of forward to fp16.")
-    loss_scale: float = Field(0.0, description="0 selects dynamic loss scaling; any other value is a static scale.")
-    initial_scale_power: Int = Field(16, description="The dynamic scale starts at 2**initial_scale_power.")
-    loss_scale_window: Int = Field(1000, description="Overflow-free steps before the dynamic scale doubles.")
-    hysteresis: Int = Field(2, description="Overflows tolerated before the dynamic scale is lowered.")
+    loss_scale: float = Field(0.0, ge=0, description="0 selects dynamic loss scaling; any other value is a static scale.")
+    initial_scale_power: Int = Field(16, ge=0, description="The dynamic scale starts at 2**initial_scale_power.")
+    loss_scale_window: Int = Field(1000, ge=1, description="Overflow-free steps before the dynamic scale doubles.")
+    hysteresis: Int = Field(2, ge=1, description="Overflows tolerated before the dynamic scale is lowered.")
     consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after every overflow-free step.")
-    min_loss_scale: float = Field(1.0, description="The dynamic scale never drops below this.")
+    min_loss_scale: float = Field(1.0, gt=0, description="The dynamic scale never drops below this.")
     fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16 (ZeRO offload only).")
 
 
@@ -83,6 +91,8 @@ class ZeroConfig(StrictModel):
     use_all_reduce_for_fetch_params: bool = Field(False, alias="stage3_use_all_reduce_for_fetch_params", description="Stage 3: fetch with all-reduce.")
     allgather_sequential: bool = Field(False, alias="stage3_allgather_sequential", description="Stage 3: gather parameters one by one.")
     ignore_unused_parameters: bool = Field(True, description="Parameters without gradients are allowed.")
+    compute_grad_norm: bool = Field(True, description="Compute the global gradient norm each step (false only with stages 1-2 and no clipping).")
+    parameter_alignment: bool = Field(False, description="Align parameter partitions to the communication granularity.")
     legacy_stage1: bool = Field(False, description="DeepSpeed knob, accepted for compatibility.")
     round_robin_gradients: bool = Field(False, description="Stage 1/2: round-robin gradient copies.")
     zero_hpz_partition_size: Int = Field(1, description="ZeRO++ hierarchical partitioning.")
@@ -98,7 +108,10 @@ class ZeroConfig(StrictModel):
     log_trace_cache_warnings: bool = Field(False, description="Stage 3: warn when the prefetch trace is invalidated.")
     enable_sanity_checks: bool = Field(False, description="Stage 3 sanity checks.")
     save_muon_momentum_buffer_in_memory: bool = Field(False, description="Muon optimizer knob.")
-    leaf_module: dict[str, Any] | None = Field(None, description="Stage 3 leaf modules (classes, names, name_suffixes).")
+    leaf_module: dict[str, Any] = Field(
+        default_factory=lambda: {"classes": list(DEFAULT_LEAF_CLASSES), "names": [], "name_suffixes": []},
+        description="Stage 3: modules fetched whole instead of per submodule (classes, names, name_suffixes).",
+    )
 
     @model_validator(mode="after")
     def _map_deprecated(self) -> "ZeroConfig":
@@ -221,7 +234,8 @@ class CommsLoggerConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    tag_validation: Literal["Warn", "Ignore", "Fail", "warn", "ignore", "fail"] = Field("Warn", description="Check that all ranks save under the same tag.")
+    tag_validation: Literal["WARN", "IGNORE", "FAIL"] = Field("WARN", description="Check that all ranks save under the same tag (any case).")
+    _upper = field_validator("tag_validation", mode="before")(lambda v: v.upper() if isinstance(v, str) else v)
     load_universal: bool = False
     use_node_local_storage: bool = False
     parallel_write: dict[str, Any] = Field(default_factory=lambda: {"pipeline_stage": False})
@@ -229,6 +243,7 @@ class CheckpointConfig(StrictModel):
 
 class DataTypesConfig(StrictModel):
     grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="Dtype of accumulated gradients.")
+    keep_in_fp32_modules: Literal["auto"] | list[str] = Field("auto", description='Module name patterns kept in fp32 ("auto": the model\'s own list).')
     param_dtype: str | None = None
     buffer_dtype: str | None = None
 

@@ -116,6 +116,12 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
         "torch_autocast.enabled": cfg.torch_autocast.enabled,
         "sparse_gradients": cfg.sparse_gradients,
         "checkpoint.load_universal": cfg.checkpoint.load_universal,
+        "graph_harvesting": cfg.graph_harvesting,
+        "zero_optimization.mics_shard_size": cfg.zero_optimization.mics_shard_size > 0,
+        "zero_optimization.zeropp_loco_param": cfg.zero_optimization.zeropp_loco_param is not None,
+        "zero_optimization.zero_quantized_weights": cfg.zero_optimization.zero_quantized_weights,
+        "zero_optimization.zero_quantized_gradients": cfg.zero_optimization.zero_quantized_gradients,
+        "zero_optimization.zero_hpz_partition_size": cfg.zero_optimization.zero_hpz_partition_size > 1,
     }
     for key, on in pending.items():
         if on:

@@ -3,8 +3,9 @@
 Dynamic rules, per optimizer step:
 - overflow: if hysteresis is used up (or is 1), halve the scale (not below `min_loss_scale`; already
   at the minimum is an error, as in DeepSpeed); otherwise spend one unit of hysteresis. The step is skipped.
-- no overflow: with `consecutive_hysteresis`, refill hysteresis; every `loss_scale_window` steps
-  since the last overflow, double the scale (and refill hysteresis).
+- no overflow: with `consecutive_hysteresis`, refill hysteresis; once `loss_scale_window` clean
+  steps have passed since the last overflow (and every window after), double the scale (and refill
+  hysteresis).
 """
 from __future__ import annotations
 
@@ -78,7 +79,10 @@ class DynamicLossScaler(LossScaler):
         else:
             if self.consecutive_hysteresis:
                 self.cur_hysteresis = self.delayed_shift
-            if (self.cur_iter - self.last_overflow_iter) % self.scale_window == 0:
+            # Steps since the last overflow, not counting the current one: the first doubling comes
+            # after `scale_window` clean steps have completed (DeepSpeed's count).
+            stable = self.cur_iter - self.last_overflow_iter - 1
+            if stable > 0 and stable % self.scale_window == 0:
                 if not self.consecutive_hysteresis:
                     self.cur_hysteresis = self.delayed_shift
                 self.cur_scale *= self.scale_factor

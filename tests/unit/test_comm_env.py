@@ -91,8 +91,6 @@ def test_non_integer_rank_variables_name_the_variable(env: dict[str, str], key: 
     assert repr(env[key]) in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="LOCAL_RANK, SLURM_LOCALID and MASTER_PORT go through a bare int(): "
-                   "the ValueError says \"invalid literal for int() with base 10: 'x'\" without the variable")
 @pytest.mark.parametrize(
     "env,key",
     [

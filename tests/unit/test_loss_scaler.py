@@ -20,11 +20,10 @@ pasted verbatim. The tests never import deepspeed. To regenerate, in a venv with
             seq.append((s.cur_scale, s.cur_hysteresis))
         print(name, seq, err)
 
-Not matched (strict xfail, see DOUBLING_BUG): DeepSpeed 0.19.8 doubles the scale only when
+DeepSpeed 0.19.8 doubles the scale only when
 `stable_interval = cur_iter - last_overflow_iter - 1` is positive and a multiple of the window, i.e.
 the first doubling comes after window + 1 overflow-free steps (and never on the very first step).
-Our scaler tests `(cur_iter - last_overflow_iter) % window == 0` (DeepSpeed's pre-0.19 rule), so it
-doubles one step early. Scenarios in which the scale never doubles match exactly.
+Our scaler follows the same rule; these sequences pin it.
 """
 from __future__ import annotations
 
@@ -120,11 +119,6 @@ DS_SEQUENCES = {
     ),
 }
 
-DOUBLING_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="DynamicLossScaler doubles after `window` overflow-free steps; DeepSpeed 0.19.8 waits until "
-    "cur_iter - last_overflow_iter - 1 is a positive multiple of the window (one step later)",
-)
 # The scenarios whose recorded sequence contains a doubling; the others never double and match.
 _DOUBLING = {"h1_window3", "h2_window3", "h2_consecutive_window3", "h3_window1", "h3_consecutive_window1",
              "h1_window1", "min_scale_clamped_3"}
@@ -142,7 +136,7 @@ def _run(scaler: DynamicLossScaler, pattern: list[bool]) -> tuple[list[tuple[flo
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=DOUBLING_BUG) if n in _DOUBLING else n for n in DS_SEQUENCES]
+    "name", list(DS_SEQUENCES)
 )
 def test_dynamic_scaler_matches_deepspeed(name: str) -> None:
     """Catches any drift from DeepSpeed's halving, hysteresis, refill, doubling or min-scale rules."""
@@ -267,15 +261,11 @@ def test_make_loss_scaler_respects_a_min_scale_that_is_not_a_power_of_two() -> N
         s.update_scale(True)
 
 
-@pytest.mark.xfail(strict=True, reason="FP16Config accepts loss_scale_window=0 (DeepSpeed 0.19.8 rejects it when "
-                   "loss_scale=0); the dynamic scaler then divides by zero on the first overflow-free step")
 def test_zero_window_is_rejected_like_deepspeed() -> None:
     with pytest.raises(ValueError, match="loss_scale_window"):
         make_loss_scaler(FP16Config(enabled=True, loss_scale=0, loss_scale_window=0))
 
 
-@pytest.mark.xfail(strict=True, reason="FP16Config accepts min_loss_scale=0 and loss_scale<0 (DeepSpeed 0.19.8 "
-                   "rejects both); a zero floor lets the dynamic scale reach 0")
 @pytest.mark.parametrize("section", [dict(min_loss_scale=0), dict(loss_scale=-1)])
 def test_nonpositive_scales_are_rejected_like_deepspeed(section: dict) -> None:
     with pytest.raises(ValueError):

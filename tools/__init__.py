@@ -1,0 +1,1 @@
+"""Developer tools for the shardspeed repository (not part of the installed package)."""
