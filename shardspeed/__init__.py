@@ -1,20 +1,39 @@
 """shardspeed: DeepSpeed-compatible large-model training for PyTorch.
 
-`import shardspeed as deepspeed` is the intended use: the names below are DeepSpeed's.
+`import shardspeed as deepspeed` is the intended use: the names below are DeepSpeed's. They are
+imported on first use, so the command-line launcher starts without loading torch.
 """
-from .comm.init import init_distributed
-from .comm.topology import PipeDataParallelTopology, PipeModelDataParallelTopology, ProcessTopology
-from .config import ConfigError, ShardspeedConfig
-from .runtime.engine import ShardspeedEngine
-from .runtime.initialize import add_config_arguments, initialize
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-DeepSpeedEngine = ShardspeedEngine
-DeepSpeedConfig = ShardspeedConfig
+_EXPORTS = {
+    "initialize": "shardspeed.runtime.initialize",
+    "add_config_arguments": "shardspeed.runtime.initialize",
+    "init_distributed": "shardspeed.comm.init",
+    "ShardspeedEngine": "shardspeed.runtime.engine",
+    "ShardspeedConfig": "shardspeed.config",
+    "ConfigError": "shardspeed.config",
+    "ProcessTopology": "shardspeed.comm.topology",
+    "PipeDataParallelTopology": "shardspeed.comm.topology",
+    "PipeModelDataParallelTopology": "shardspeed.comm.topology",
+}
+_ALIASES = {"DeepSpeedEngine": "ShardspeedEngine", "DeepSpeedConfig": "ShardspeedConfig"}
 
-__all__ = [
-    "ConfigError", "DeepSpeedConfig", "DeepSpeedEngine", "PipeDataParallelTopology", "PipeModelDataParallelTopology",
-    "ProcessTopology", "ShardspeedConfig", "ShardspeedEngine", "__version__", "add_config_arguments",
-    "init_distributed", "initialize",
-]
+__all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    target = _ALIASES.get(name, name)
+    if target not in _EXPORTS:
+        raise AttributeError(f"module 'shardspeed' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[target]), target)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -10,6 +10,7 @@ A step, as DeepSpeed users know it:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -99,8 +100,6 @@ class ShardspeedEngine(torch.nn.Module):
 
     @property
     def local_rank(self) -> int:
-        import os
-
         return int(os.environ.get("LOCAL_RANK", "0"))
 
     @property
@@ -269,8 +268,8 @@ class ShardspeedEngine(torch.nn.Module):
 
     def destroy(self) -> None:
         self.monitor.close()
-        if self.strategy is not None and hasattr(self.strategy, "reducer"):
-            self.strategy.reducer.remove()
+        if self.strategy is not None:
+            self.strategy.close()
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:

@@ -47,6 +47,9 @@ class ZeroStrategy(Protocol):
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, gradients, master_weights, optimizer_states."""
 
+    def close(self) -> None:
+        """Remove hooks from the module (the engine is being destroyed)."""
+
 
 def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The L2 norm of all `grads` in fp32; with `group`, the squared sums are added across it first."""

@@ -98,6 +98,9 @@ class ReplicatedOptimizer:
                 master.data.copy_(param.data.float())
         self.loss_scaler.load_state_dict(state["loss_scaler"])
 
+    def close(self) -> None:
+        self.reducer.remove()
+
     def memory_breakdown(self) -> dict[str, int]:
         return {
             "parameters": tensor_bytes(self.params),

@@ -84,6 +84,7 @@ def _train(gas: int, bucket: int, unused: bool) -> dict:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world,gas,bucket,unused", [
     (1, 1, 10_000, False),
+    (1, 4, 10_000, False),  # 4 accumulated micro steps == one step on the 4x batch
     (2, 1, 500, False),     # several buckets
     (2, 4, 10_000, True),   # accumulation, a parameter with no gradient
     (4, 2, 700, False),

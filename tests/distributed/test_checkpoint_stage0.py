@@ -1,0 +1,149 @@
+"""Stage-0 checkpoints: bit-exact resume, DeepSpeed's tag/latest semantics, and damage that is named."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import shardspeed
+from shardspeed.runtime import model_checkpoint
+from shardspeed.runtime.checkpoint_io import CheckpointError
+from tests.harness import run_distributed
+from tests.models import TinyNet, make_batches, rank_slice
+
+MICRO = 2
+CONFIG = {
+    "train_micro_batch_size_per_gpu": MICRO,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+    "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 20, "warmup_num_steps": 4, "warmup_max_lr": 1e-2}},
+}
+
+
+def _engine(seed: int):
+    torch.manual_seed(seed)
+    engine, *_ = shardspeed.initialize(model=TinyNet(), config=CONFIG)
+    return engine
+
+
+def _steps(engine, batches, noise: bool = True) -> list[float]:
+    """Train on `batches`; the torch RNG (restored by a resume) perturbs the inputs."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    losses = []
+    for batch in batches:
+        for m in range(2):
+            x, y = rank_slice(batch, rank, world, MICRO, 2, m)
+            if noise:
+                x = x + 0.1 * torch.randn_like(x)
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    return losses
+
+
+def _resume(ckpt: str) -> dict:
+    world = dist.get_world_size()
+    batches = make_batches(6, MICRO * 2 * world)
+    engine = _engine(0)
+    _steps(engine, batches[:3])
+    engine.save_checkpoint(ckpt, client_state={"epoch": 7})
+    continued = _steps(engine, batches[3:])
+    final = {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+    fresh = _engine(123)  # different initial weights: everything must come from the checkpoint
+    path, client = fresh.load_checkpoint(ckpt)
+    resumed = _steps(fresh, batches[3:])
+    return {
+        "path": path, "client": client, "continued": continued, "resumed": resumed,
+        "final": final, "resumed_final": {k: v.clone() for k, v in fresh.module.state_dict().items()},
+        "steps": (fresh.global_steps, fresh.global_samples, fresh.micro_steps), "lr": (engine.get_lr(), fresh.get_lr()),
+        "latest": Path(ckpt, "latest").read_text(),
+    }
+
+
+@pytest.mark.timeout(180)
+def test_resume_is_bit_exact_with_tag_latest_and_client_state(tmp_path):
+    """Catches missing optimizer / LR / RNG / counter state, or a wrong default tag, in a resume."""
+    ckpt = str(tmp_path / "ckpt")
+    for r in run_distributed(_resume, 2, tmp_path / "run", ckpt):
+        assert r["latest"] == "global_step3" and r["path"].endswith("global_step3")
+        assert r["client"] == {"epoch": 7}
+        assert r["resumed"] == r["continued"], "fp32 resume must reproduce the losses bit for bit"
+        for k, v in r["final"].items():
+            assert torch.equal(v, r["resumed_final"][k]), k
+        assert r["steps"] == (6, 6 * MICRO * 2 * 2, 12)
+        assert r["lr"][0] == r["lr"][1]
+
+
+def _save_twice_then_crash(ckpt: str) -> str:
+    engine = _engine(0)
+    batches = make_batches(2, MICRO * 2 * dist.get_world_size())
+    _steps(engine, batches[:1], noise=False)
+    engine.save_checkpoint(ckpt)
+    _steps(engine, batches[1:], noise=False)
+    real_save = model_checkpoint.save_torch
+
+    def dying_save(obj, path):
+        if dist.get_rank() == 1:
+            os._exit(9)  # as if killed mid-save, after rank 0 may have started writing
+        return real_save(obj, path)
+
+    model_checkpoint.save_torch = dying_save
+    engine.save_checkpoint(ckpt)
+    return "unreachable"
+
+
+def _load_latest(ckpt: str) -> tuple[str, int]:
+    engine = _engine(5)
+    path, _ = engine.load_checkpoint(ckpt)
+    return path, engine.global_steps
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_dying_mid_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """Catches a save that updates `latest` or replaces files before every rank has finished writing."""
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(AssertionError, match="rank 1"):
+        run_distributed(_save_twice_then_crash, 2, tmp_path / "crash", ckpt, deadline=90)
+    assert Path(ckpt, "latest").read_text() == "global_step1"
+    for path, steps in run_distributed(_load_latest, 2, tmp_path / "load", ckpt):
+        assert path.endswith("global_step1") and steps == 1
+
+
+def _save_only(ckpt: str) -> None:
+    engine = _engine(0)
+    _steps(engine, make_batches(1, MICRO * 2 * dist.get_world_size()), noise=False)
+    engine.save_checkpoint(ckpt, tag="good")
+
+
+def _load_expecting_error(ckpt: str) -> str:
+    engine = _engine(1)
+    try:
+        engine.load_checkpoint(ckpt, tag="good")
+    except CheckpointError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_files_are_named(tmp_path, damage):
+    """Catches a corrupt, truncated or missing checkpoint file loading silently."""
+    ckpt = tmp_path / "ckpt"
+    run_distributed(_save_only, 2, tmp_path / "save", str(ckpt))
+    victim = ckpt / "good" / "rank_1_states.pt"
+    data = victim.read_bytes()
+    if damage == "flip":
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    else:
+        victim.unlink()
+    messages = run_distributed(_load_expecting_error, 2, tmp_path / "load", str(ckpt))
+    assert str(victim) in messages[1]
+    assert ("missing" if damage == "delete" else "corrupt") in messages[1]
