@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ..zero.universal import merge_shards
 from .checkpoint_io import CheckpointError, atomic_write_bytes, fsync_dir, load_verified, read_manifest, save_torch, write_manifest
 
 if TYPE_CHECKING:
@@ -84,7 +85,8 @@ def _model_state(engine: "ShardspeedEngine", client_state: dict[str, Any], exclu
 def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
     state: dict[str, Any] = {
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-        "optimizer": engine.strategy.state_dict() if engine.strategy is not None else None,
+        "optimizer": engine.strategy.state_dict() if engine.strategy is not None and (
+            not engine.strategy.replicated or engine.global_rank == 0) else None,
         "dataloader_epoch": getattr(engine.training_dataloader, "epoch", None),
     }
     if torch.cuda.is_available():
@@ -123,17 +125,17 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     manifest = read_manifest(folder)
     model_state = load_verified(folder, MODEL_FILE, manifest)
     engine.module.load_state_dict(model_state["module"], strict=strict)
+    if engine.strategy is not None:
+        engine.strategy.sync_masters_from_model()
     if load_module_only:
         return str(folder), model_state["client_state"]
-    saved_world = manifest.get("world_size")
-    if saved_world != dist.get_world_size():
-        raise CheckpointError(
-            f"checkpoint `{folder}` was saved by {saved_world} ranks and this job has {dist.get_world_size()}; "
-            "loading at another world size needs load_module_only=True in this version"
-        )
-    rank_state = load_verified(folder, _rank_file(engine.global_rank), manifest)
-    if load_optimizer_states and engine.strategy is not None and rank_state["optimizer"] is not None:
-        engine.strategy.load_state_dict(rank_state["optimizer"])
+    saved_world = int(manifest.get("world_size", 1))
+    if load_optimizer_states and engine.strategy is not None:
+        # Any saved layout: gather every saved rank's shard into per-parameter state, keep ours.
+        shards = [load_verified(folder, _rank_file(r), manifest)["optimizer"] for r in range(saved_world)]
+        engine.strategy.load_universal(merge_shards(shards))
+    own_file = _rank_file(engine.global_rank if engine.global_rank < saved_world else 0)
+    rank_state = load_verified(folder, own_file, manifest)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):

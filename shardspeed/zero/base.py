@@ -39,10 +39,16 @@ class ZeroStrategy(Protocol):
     def zero_grad(self) -> None:
         """Forget accumulated gradients (after a step)."""
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer-side state this rank holds, for checkpoints."""
+    replicated: bool  # True when every rank's state_dict() is the same (only rank 0 saves it)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer-side state this rank holds, for checkpoints (see `universal`)."""
+
+    def sync_masters_from_model(self) -> None:
+        """Refresh fp32 master weights from the model's (just loaded) parameters."""
+
+    def load_universal(self, universal: dict[str, Any]) -> None:
+        """Load weights and optimizer states given per parameter name (`universal.merge_shards`)."""
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, gradients, master_weights, optimizer_states."""

@@ -15,6 +15,7 @@ from ..comm.grad_buckets import GradientBucketReducer
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
 from .base import StepResult, clip_factor, grad_norm, tensor_bytes
+from .universal import restore_hyperparams
 
 
 class ReplicatedOptimizer:
@@ -35,6 +36,7 @@ class ReplicatedOptimizer:
         self.loss_scaler = loss_scaler
         self.check_overflow = check_overflow
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.names = {p: n for n, p in module.named_parameters()}
         self.masters = _attach_master_weights(optimizer, self.params)
         self.reducer = GradientBucketReducer(self.params, dp, bucket_elements, comm_dtype, predivide)
 
@@ -79,24 +81,47 @@ class ReplicatedOptimizer:
     def zero_grad(self) -> None:
         self.reducer.zero()
 
+    replicated = True  # every rank holds the same state: rank 0 alone saves it
+
+    def _stepped(self) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
+        """(name, model param, tensor the optimizer steps) for every trainable parameter."""
+        return [(self.names[p], p, self.masters.get(p, p)) for p in self.params]
+
     def state_dict(self) -> dict[str, Any]:
+        params = {}
+        for name, _, target in self._stepped():
+            state = self.optimizer.state.get(target, {})
+            params[name] = {
+                "fp32": target.detach().float().clone(),
+                "state": {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()},
+            }
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "master_weights": [m.detach().clone() for m in self.masters.values()],
+            "format": "replicated",
+            "params": params,
+            "hyperparams": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
             "loss_scaler": self.loss_scaler.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        saved = state.get("master_weights") or []
-        if self.masters and len(saved) == len(self.masters):
-            for (param, master), value in zip(self.masters.items(), saved):
-                master.data.copy_(value)
-        elif self.masters:
-            # No fp32 copy saved (e.g. an fp32 run's checkpoint): start masters from the model.
+    def sync_masters_from_model(self) -> None:
+        with torch.no_grad():
             for param, master in self.masters.items():
-                master.data.copy_(param.data.float())
-        self.loss_scaler.load_state_dict(state["loss_scaler"])
+                master.copy_(param.float())
+
+    def load_universal(self, universal: dict[str, Any]) -> None:
+        saved = universal["params"]
+        for name, param, target in self._stepped():
+            if name not in saved:
+                raise KeyError(f"checkpoint has no optimizer state for parameter `{name}`")
+            with torch.no_grad():
+                target.copy_(saved[name]["fp32"])
+                if target is not param:
+                    param.copy_(target)
+            state = {k: (v.clone().to(target.device) if torch.is_tensor(v) else v) for k, v in saved[name]["state"].items()}
+            if state:
+                self.optimizer.state[target] = state
+        restore_hyperparams(self.optimizer, universal.get("hyperparams"))
+        if universal.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(universal["loss_scaler"])
 
     def close(self) -> None:
         self.reducer.remove()

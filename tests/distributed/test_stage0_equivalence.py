@@ -1,4 +1,4 @@
-"""Stage 0 equals single-process training on the full batch, and torch DDP, step for step."""
+"""ZeRO stages 0, 1 and 2 equal single-process training on the full batch, and torch DDP, step for step."""
 from __future__ import annotations
 
 import copy
@@ -16,13 +16,14 @@ STEPS, MICRO = 4, 2
 CLIP = 0.5  # small enough that clipping is active on these random batches
 
 
-def _config(gas: int, bucket: int) -> dict:
+def _config(gas: int, bucket: int, stage: int = 0, overlap: bool = True) -> dict:
     return {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": CLIP,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
-        "zero_optimization": {"stage": 0, "reduce_bucket_size": bucket},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket, "allgather_bucket_size": 3 * bucket,
+                              "overlap_comm": overlap},
     }
 
 
@@ -32,15 +33,19 @@ def _param_groups(model: torch.nn.Module) -> list[dict]:
             {"params": [model.fc1.bias, model.fc2.bias, model.head.bias], "lr": 5e-3, "weight_decay": 0.0}]
 
 
-def _train(gas: int, bucket: int, unused: bool) -> dict:
+def _train(gas: int, bucket: int, unused: bool, stage: int = 0, frozen: bool = False, overlap: bool = True,
+           reduce_scatter: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = TinyNet(unused=unused)
+    model = TinyNet(unused=unused, frozen=frozen)
     reference = copy.deepcopy(model)
     ddp_model = DDP(copy.deepcopy(model), find_unused_parameters=unused)
     batches = make_batches(STEPS, MICRO * gas * world)
 
-    engine, _, _, _ = shardspeed.initialize(model=model, model_parameters=_param_groups(model), config=_config(gas, bucket))
+    engine, _, _, _ = shardspeed.initialize(model=model, model_parameters=_param_groups(model),
+                                            config=_config(gas, bucket, stage, overlap))
+    if reduce_scatter:
+        engine.strategy.grads.reduce_scatter = True  # NCCL's path, exercised on gloo
     ref_opt = torch.optim.AdamW(_param_groups(reference), lr=1e-2, weight_decay=0.1)
     ddp_opt = torch.optim.AdamW(_param_groups(ddp_model.module), lr=1e-2, weight_decay=0.1)
 
@@ -78,6 +83,7 @@ def _train(gas: int, bucket: int, unused: bool) -> dict:
         "ddp": {k: v.detach().clone() for k, v in ddp_model.module.state_dict().items()},
         "global_steps": engine.global_steps,
         "micro_steps": engine.micro_steps,
+        "memory": engine.memory_breakdown(),
     }
 
 
@@ -91,7 +97,25 @@ def _train(gas: int, bucket: int, unused: bool) -> dict:
 ])
 def test_stage0_matches_single_process_and_ddp(tmp_path, world, gas, bucket, unused):
     """Catches wrong averaging, accumulation scaling, clipping, bucket boundaries or skipped reductions."""
-    results = run_distributed(_train, world, tmp_path, gas, bucket, unused)
+    _check(run_distributed(_train, world, tmp_path, gas, bucket, unused), gas)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("stage,world,gas,bucket,unused,frozen,overlap,rs", [
+    (1, 2, 1, 500, False, False, True, False),
+    (1, 4, 2, 700, True, True, True, False),
+    (1, 2, 2, 300, False, False, True, True),     # reduce-scatter path
+    (2, 2, 4, 10_000, True, False, True, False),  # accumulation keeps only the partition
+    (2, 4, 2, 700, False, True, True, False),
+    (2, 2, 2, 300, True, False, False, True),     # no overlap, reduce-scatter path
+    (2, 1, 2, 500, False, False, True, False),
+])
+def test_zero_stages_1_2_match_single_process_and_ddp(tmp_path, stage, world, gas, bucket, unused, frozen, overlap, rs):
+    """Catches partitions updated wrongly, gradients reduced to the wrong owner, or a bad all-gather."""
+    _check(run_distributed(_train, world, tmp_path, gas, bucket, unused, stage, frozen, overlap, rs), gas)
+
+
+def _check(results: list[dict], gas: int) -> None:
     for r in results:
         assert r["global_steps"] == STEPS and r["micro_steps"] == STEPS * gas
         # fp32 sums in a different order (per-rank then all-reduce): agreement to ~1e-6 relative.

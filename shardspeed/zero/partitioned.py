@@ -1,0 +1,211 @@
+"""ZeRO stages 1 and 2: optimizer states (and, at stage 2, gradients) partitioned across ranks.
+
+Before: every rank holds the whole model. After `PartitionedOptimizer(...)`:
+- each parameter group's trainable parameters are views into one flat buffer (model dtype);
+- rank i owns elements [i*S, (i+1)*S) of it: the optimizer steps only that partition, on fp32
+  master weights (a copy for bf16/fp16; the flat buffer itself for fp32), so optimizer states are
+  1/N of the model's;
+- gradients are reduced to their owners (stage 1: from a full gradient buffer at the boundary;
+  stage 2: every micro step, keeping only the owned partition), see `partitioned_grads`;
+- after the step, updated partitions are all-gathered back into the flat buffers, in chunks of
+  `allgather_bucket_size` elements per rank.
+The torch optimizer is the user's (or the config's), untouched except that each param group now
+holds one flat master partition: any `torch.optim.Optimizer` is partitioned the same way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..comm.topology import AxisGroup
+from ..runtime.loss_scaler import LossScaler
+from .base import StepResult, clip_factor, grad_norm, tensor_bytes
+from .layout import GroupLayout, build_layout
+from .partitioned_grads import PartitionedGradients
+from .universal import restore_hyperparams
+
+
+class PartitionedOptimizer:
+    """The stage-1/2 `ZeroStrategy`."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: AxisGroup,
+        loss_scaler: LossScaler,
+        *,
+        stage: int,
+        reduce_bucket_size: int,
+        allgather_bucket_size: int,
+        reduce_scatter: bool,
+        overlap_comm: bool,
+        check_overflow: bool,
+        comm_dtype: torch.dtype | None = None,
+        predivide: float | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.dp = dp
+        self.loss_scaler = loss_scaler
+        self.check_overflow = check_overflow
+        self.allgather_elements = max(1, allgather_bucket_size)
+        names = {p: n for n, p in module.named_parameters()}
+        self.module_params = list(module.parameters())
+        self.layouts: list[GroupLayout] = []
+        self.group_params: list[list[torch.nn.Parameter]] = []
+        self.flat_params: list[torch.Tensor] = []
+        self.masters: list[torch.nn.Parameter] = []
+        self.frozen_in_groups: list[list[torch.nn.Parameter]] = []
+        for group in optimizer.param_groups:
+            self._partition_group(group, names)
+        self.grads = PartitionedGradients(
+            self.layouts, self.group_params, dp, reduce_bucket_size,
+            partition_grads=stage == 2, reduce_scatter=reduce_scatter, overlap=overlap_comm,
+            comm_dtype=comm_dtype, predivide=predivide,
+        )
+
+    def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str]) -> None:
+        trainable = [p for p in group["params"] if p.requires_grad]
+        if not trainable:
+            raise ValueError("a ZeRO parameter group has no trainable parameters; drop the group")
+        for p in trainable:
+            if p not in names:
+                raise ValueError("the optimizer holds a parameter that is not in the model; ZeRO can only partition the model's parameters")
+        # Flat order is reverse registration order; slots record it (see layout.build_layout).
+        layout = build_layout([(names[p], p) for p in trainable], self.dp.size)
+        ordered = list(reversed(trainable))
+        flat = torch.zeros(layout.padded_numel, dtype=trainable[0].dtype, device=trainable[0].device)
+        for slot, p in zip(layout.slots, ordered):
+            if p.dtype != flat.dtype:
+                raise ValueError(f"parameter `{slot.name}` is {p.dtype} but its group holds {flat.dtype}; ZeRO needs one dtype per group")
+            flat[slot.offset:slot.end].copy_(p.data.reshape(-1))
+            p.data = flat[slot.offset:slot.end].view_as(p)
+        start, end = layout.partition(self.dp.rank)
+        own = flat[start:end]
+        master = torch.nn.Parameter(own if own.dtype == torch.float32 else own.float().clone())
+        self.layouts.append(layout)
+        self.group_params.append(ordered)
+        self.flat_params.append(flat)
+        self.masters.append(master)
+        self.frozen_in_groups.append([p for p in group["params"] if not p.requires_grad])
+        group["params"] = [master]
+
+    # ---- ZeroStrategy ------------------------------------------------------------------------
+    def prepare_backward(self, boundary: bool) -> None:
+        self.grads.prepare(boundary)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        scale = self.loss_scaler.loss_scale
+        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+
+    def step(self, max_norm: float) -> StepResult:
+        scale = self.loss_scaler.loss_scale
+        grads = [part if part.dtype == torch.float32 else part.float() for part in self.grads.partitions]
+        # Partitions are disjoint: the squared norms add up across ranks to the global norm, and an
+        # inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
+        norm = grad_norm(grads, group=self.dp.group if self.dp.size > 1 else None).item() / scale
+        overflow = self.check_overflow and not math.isfinite(norm)
+        self.loss_scaler.update_scale(overflow)
+        if overflow:
+            return StepResult(applied=False, overflow=True, grad_norm=norm)
+        factor = clip_factor(norm, max_norm) / scale
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad
+        if factor != 1.0:
+            torch._foreach_mul_([m.grad for m in self.masters], factor)
+        self.optimizer.step()
+        for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
+            master.grad = None
+            start, end = layout.partition(self.dp.rank)
+            if flat.dtype != torch.float32:
+                flat[start:end].copy_(master.detach())
+        self._all_gather()
+        return StepResult(applied=True, overflow=False, grad_norm=norm)
+
+    def _all_gather(self) -> None:
+        """Every rank's updated partition into every rank's flat buffer, a chunk at a time."""
+        if self.dp.size == 1:
+            return
+        for flat, layout in zip(self.flat_params, self.layouts):
+            size = layout.partition_size
+            for lo in range(0, size, self.allgather_elements):
+                hi = min(size, lo + self.allgather_elements)
+                outputs = [flat[r * size + lo:r * size + hi] for r in range(self.dp.size)]
+                mine = outputs[self.dp.rank].clone()
+                dist.all_gather(outputs, mine, group=self.dp.group)
+
+    def zero_grad(self) -> None:
+        self.grads.zero()
+
+    def close(self) -> None:
+        self.grads.remove()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        frozen = [p for p in self.module_params if not p.requires_grad]
+        owns_copy = [m for m, f in zip(self.masters, self.flat_params) if f.dtype != torch.float32]
+        return {
+            "parameters": tensor_bytes(self.flat_params) + tensor_bytes(frozen),
+            **self.grads.buffer_bytes(),
+            "master_weights": tensor_bytes(owns_copy),
+            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    replicated = False  # each rank saves its own partitions
+
+    def state_dict(self) -> dict[str, Any]:
+        groups = []
+        for g, (layout, master) in enumerate(zip(self.layouts, self.masters)):
+            state = self.optimizer.state.get(master, {})
+            groups.append({
+                "slots": [(s.name, s.offset, s.numel, s.shape) for s in layout.slots],
+                "partition": layout.partition(self.dp.rank),
+                "padded_numel": layout.padded_numel,
+                "master": master.detach().clone(),
+                "state": {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()},
+            })
+        return {
+            "format": "partitioned",
+            "groups": groups,
+            "hyperparams": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "loss_scaler": self.loss_scaler.state_dict(),
+        }
+
+    def sync_masters_from_model(self) -> None:
+        with torch.no_grad():
+            for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
+                if flat.dtype != torch.float32:
+                    start, end = layout.partition(self.dp.rank)
+                    master.copy_(flat[start:end].float())
+
+    def load_universal(self, universal: dict[str, Any]) -> None:
+        """Take fp32 weights and optimizer states per parameter name (any saved layout) and keep our partitions."""
+        params = universal["params"]
+        for g, (layout, master, flat) in enumerate(zip(self.layouts, self.masters, self.flat_params)):
+            start, end = layout.partition(self.dp.rank)
+            full = torch.zeros(layout.padded_numel, dtype=torch.float32)
+            for slot in layout.slots:
+                full[slot.offset:slot.end] = params[slot.name]["fp32"].reshape(-1)
+            with torch.no_grad():
+                flat.copy_(full.to(flat.dtype))
+                if flat.dtype != torch.float32:
+                    master.copy_(full[start:end])
+            state: dict[str, Any] = {}
+            first = params[layout.slots[0].name]["state"]
+            for key, value in first.items():
+                if torch.is_tensor(value) and value.numel() == layout.slots[0].numel and value.dim() > 0:
+                    buf = torch.zeros(layout.padded_numel, dtype=value.dtype)
+                    for slot in layout.slots:
+                        buf[slot.offset:slot.end] = params[slot.name]["state"][key].reshape(-1)
+                    state[key] = buf[start:end].clone().to(master.device)
+                else:
+                    state[key] = value.clone() if torch.is_tensor(value) else value
+            if state:
+                self.optimizer.state[master] = state
+        restore_hyperparams(self.optimizer, universal.get("hyperparams"))
+        if universal.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(universal["loss_scaler"])
+

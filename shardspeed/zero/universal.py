@@ -1,0 +1,52 @@
+"""A layout-free view of optimizer-side state, so a checkpoint loads at any world size and stage.
+
+Each strategy saves what its rank holds ("replicated": whole tensors per parameter, written by
+rank 0; "partitioned": flat partitions plus the slot table of their group). `merge_shards` turns
+the shards of all saved ranks back into one dict per parameter name:
+
+    {"params": {name: {"fp32": tensor, "state": {"exp_avg": tensor, "step": ...}}},
+     "hyperparams": [per-group lr, betas, ...], "loss_scaler": {...}}
+
+which every strategy can load by keeping the pieces it owns. Elementwise optimizer states
+(tensors shaped like the parameter) are sliced; anything else (step counters) is copied.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    shards = [s for s in shards if s is not None]
+    if not shards:
+        raise ValueError("no optimizer state in the checkpoint")
+    if shards[0]["format"] == "replicated":
+        return shards[0]
+    merged: dict[str, Any] = {"params": {}, "hyperparams": shards[0]["hyperparams"], "loss_scaler": shards[0]["loss_scaler"]}
+    for g, group in enumerate(shards[0]["groups"]):
+        parts = sorted((s["groups"][g] for s in shards), key=lambda part: part["partition"][0])
+        master = torch.cat([p["master"].float() for p in parts])
+        states = {}
+        for key, value in group["state"].items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.numel() == group["master"].numel():
+                states[key] = torch.cat([p["state"][key] for p in parts])
+            else:
+                states[key] = value
+        for name, offset, numel, shape in group["slots"]:
+            merged["params"][name] = {
+                "fp32": master[offset:offset + numel].view(shape).clone(),
+                "state": {k: (v[offset:offset + numel].view(shape).clone() if k in states and torch.is_tensor(v)
+                              and v.dim() > 0 and v.numel() == master.numel() else v) for k, v in states.items()},
+            }
+    return merged
+
+
+def restore_hyperparams(optimizer: torch.optim.Optimizer, saved: list[dict[str, Any]] | None) -> None:
+    """Put saved per-group hyperparameters (lr, betas, ...) back; the group structure must match."""
+    if not saved:
+        return
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, this optimizer has {len(optimizer.param_groups)}")
+    for group, values in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in values.items() if k != "params"})
