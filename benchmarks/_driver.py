@@ -73,6 +73,20 @@ def median_peak_rss(run: Run) -> float:
     return statistics.median(max(r["peak_rss_mib"]) for r in run.results)
 
 
+def median_state_per_param(run: Run) -> float:
+    """Model-state bytes per model parameter on the rank that holds the most, median over rounds."""
+    return statistics.median(max(r["model_state_bytes"]) / r["params"] for r in run.results)
+
+
+def median_phase(run: Run, phase: str) -> float:
+    """Median over rounds of rank 0's mean seconds per step in `phase` (forward, backward, step)."""
+    return statistics.median(r["phase_s"][phase] for r in run.results)
+
+
+def per_round(run: Run, key: str = "tokens_per_s") -> str:
+    return ", ".join(f"{r[key]:.0f}" for r in run.results)
+
+
 def table(runs: list[Run], baseline: Run) -> str:
     base = median(baseline)
     rows = [f"| {'run':<28} | tokens/s (median) | x {baseline.label} | peak RSS/rank MiB (median) |",
@@ -86,4 +100,5 @@ def python() -> str:
     return sys.executable
 
 
-__all__ = ["Run", "deepspeed_python", "interleave", "median", "python", "shutil", "table"]
+__all__ = ["Run", "deepspeed_python", "interleave", "median", "median_peak_rss", "median_phase",
+           "median_state_per_param", "per_round", "python", "shutil", "table"]

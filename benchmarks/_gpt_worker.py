@@ -1,6 +1,10 @@
 """One rank of a side-by-side training benchmark: the same GPT, data and optimizer under
-torch DDP, shardspeed or DeepSpeed, timed after a warm-up. Started by a benchmark driver through
-torchrun; rank 0 prints one JSON line with tokens/s and the peak resident memory of every rank.
+torch DDP, FSDP2, shardspeed or DeepSpeed, timed after a warm-up. Started by a benchmark driver
+through torchrun; rank 0 prints one JSON line with tokens/s, the peak resident memory of every rank,
+the model-state bytes of every rank and the mean seconds per phase (forward, backward, step) on rank 0.
+
+Model-state bytes are measured once, after the timed steps, between one more backward and its
+optimizer step: the point where gradients, optimizer states and parameters all exist.
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,7 +27,7 @@ from gpt import GPT, GPTConfig  # noqa: E402
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--system", choices=["ddp", "shardspeed", "deepspeed"], required=True)
+    p.add_argument("--system", choices=["ddp", "fsdp2", "shardspeed", "deepspeed"], required=True)
     p.add_argument("--stage", type=int, default=0)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=512)
@@ -32,39 +38,114 @@ def parse() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--bucket", type=float, default=6.5e6, help="Gradient bucket elements (DDP: the same bytes).")
+    p.add_argument("--overlap_comm", type=int, choices=[0, 1], default=None,
+                   help="Set zero_optimization.overlap_comm (shardspeed/DeepSpeed); unset leaves the key out.")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
 
 def ds_config(args: argparse.Namespace) -> dict:
+    zero: dict = {"stage": args.stage, "reduce_bucket_size": int(args.bucket), "allgather_bucket_size": int(args.bucket)}
+    if args.overlap_comm is not None:
+        zero["overlap_comm"] = bool(args.overlap_comm)
     return {
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
-        "zero_optimization": {"stage": args.stage, "reduce_bucket_size": int(args.bucket),
-                              "allgather_bucket_size": int(args.bucket)},
+        "zero_optimization": zero,
         "steps_per_print": 10**9,
     }
 
 
-def build(args: argparse.Namespace, model: torch.nn.Module):
-    """(forward_backward_step(x, y), name) for the chosen system."""
-    if args.system == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
+@dataclass
+class System:
+    """One training system, split into phases so that each can be timed."""
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor], None]
+    step: Callable[[], None]
+    model_state: Callable[[], dict[str, int]]  # bytes this rank holds, by kind
 
-        dist.init_process_group("gloo")
-        ddp = DDP(model, bucket_cap_mb=args.bucket * 4 / 2**20)
-        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, weight_decay=0.01)
 
-        def step(x, y):
-            loss = ddp(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad()
-            return loss
-        return step
+def nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of the distinct storages behind `tensors` not already in `seen` (views count once)."""
+    total = 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def torch_optimizer_phases(module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[Callable, Callable, Callable]:
+    def forward(x, y):
+        return module(x, y)
+
+    def backward(loss):
+        loss.backward()
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return forward, backward, step
+
+
+def build_ddp(args: argparse.Namespace, model: torch.nn.Module) -> System:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    ddp = DDP(model, bucket_cap_mb=args.bucket * 4 / 2**20)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def model_state():
+        # Parameters, their .grad and AdamW's exp_avg/exp_avg_sq. DDP's reducer also keeps flat
+        # bucket buffers the gradients are copied out of (gradient_as_bucket_view is off here, as in
+        # the stage-0 benchmark); they are not counted, so DDP's figure is a lower bound.
+        params = list(model.parameters())
+        return {"parameters": nbytes(params), "gradients": nbytes(p.grad for p in params),
+                "optimizer_states": nbytes(state_tensors(opt))}
+    return System(*torch_optimizer_phases(ddp, opt), model_state)
+
+
+def build_fsdp2(args: argparse.Namespace, model: torch.nn.Module) -> System:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # Closest peer to ZeRO-2: parameters stay unsharded from forward through backward (no
+    # re-gather in backward); gradients and optimizer states are sharded.
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def local(t):
+        return None if t is None else (t.to_local() if hasattr(t, "to_local") else t)
+
+    def model_state():
+        # Local shards of the parameters, of their gradients and of AdamW's states (DTensors). Measured
+        # after backward, when the unsharded parameters have been freed again: during forward and
+        # backward each rank also holds the full unsharded parameters (4 bytes/param), not counted.
+        params = list(model.parameters())
+        return {"parameters": nbytes(local(p) for p in params), "gradients": nbytes(local(p.grad) for p in params),
+                "optimizer_states": nbytes(local(t) for t in state_tensors(opt))}
+    return System(*torch_optimizer_phases(model, opt), model_state)
+
+
+def build_engine(args: argparse.Namespace, model: torch.nn.Module) -> System:
     if args.system == "shardspeed":
         import shardspeed as engine_lib
     else:
@@ -72,13 +153,60 @@ def build(args: argparse.Namespace, model: torch.nn.Module):
 
         engine_lib.init_distributed(dist_backend="gloo")
     engine, _, _, _ = engine_lib.initialize(model=model, model_parameters=model.parameters(), config=ds_config(args))
+    if args.system == "shardspeed":
+        def model_state():
+            return dict(engine.memory_breakdown())
+    else:
+        def model_state():
+            return deepspeed_model_state(engine, model)
 
-    def step(x, y):
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        return loss
-    return step
+    def forward(x, y):
+        return engine(x, y)
+    return System(forward, engine.backward, engine.step, model_state)
+
+
+def deepspeed_model_state(engine, model: torch.nn.Module) -> dict[str, int]:
+    """What DeepSpeed holds, by distinct storage (its params are views into flat groups, its gradient
+    partitions views into shared buffers): the flat fp32 model parameters (or the params themselves),
+    the full gradients the params still hold (.grad and DeepSpeed's `grad_accum`), the gradient
+    partitions (`averaged_gradients`, `grads_in_partition`, `all_grad_tensors`, the IPG bucket
+    buffers while they exist), its separate fp32 partition (`single_partition_of_fp32_groups`, a copy
+    even when the model is fp32) and the torch optimizer's states. Temporary buffers inside a
+    collective are out of reach."""
+    opt = engine.optimizer
+    seen: set[int] = set()
+    params = list(model.parameters())
+    out = {"parameters": storage_bytes([*getattr(opt, "bit16_groups_flat", []), *params], seen)}
+    full_grads = [p.grad for p in params] + [getattr(p, "grad_accum", None) for p in params]
+    partitions: list = []
+    for value in getattr(opt, "averaged_gradients", {}).values():
+        partitions.extend(value if isinstance(value, (list, tuple)) else [value])
+    for value in (getattr(opt, "all_grad_tensors", {}) or {}).values():
+        partitions.extend(value or [])
+    partitions.append(getattr(opt, "grads_in_partition", None))
+    for bucket in getattr(opt, "ipg_buckets", {}).values():
+        partitions.extend(bucket.buffer)
+    fp32 = list(getattr(opt, "single_partition_of_fp32_groups", []))
+    partitions.extend(t.grad for t in fp32)
+    out["gradients"] = storage_bytes(full_grads + partitions, seen)
+    out["master_weights"] = storage_bytes(fp32, seen)
+    inner = getattr(opt, "optimizer", opt)
+    out["optimizer_states"] = storage_bytes(state_tensors(inner), seen)
+    return out
+
+
+def build(args: argparse.Namespace, model: torch.nn.Module) -> System:
+    if args.system == "ddp":
+        return build_ddp(args, model)
+    if args.system == "fsdp2":
+        return build_fsdp2(args, model)
+    return build_engine(args, model)
+
+
+def gather(value: float, world: int) -> list[float]:
+    gathered = [torch.zeros(1, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor([value], dtype=torch.float64))
+    return [t.item() for t in gathered]
 
 
 def main() -> None:
@@ -87,27 +215,43 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=args.vocab, seq_len=args.seq, num_layers=args.layers, hidden_size=args.hidden,
                           num_heads=args.heads, tie_embeddings=False))
-    step = build(args, model)
+    params = sum(p.numel() for p in model.parameters())  # before any system shards them
+    system = build(args, model)
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1 + rank)
     data = [torch.randint(0, args.vocab, (args.micro, args.seq + 1), generator=g) for _ in range(4)]
     for i in range(args.warmup):
-        step(data[i % 4][:, :-1], data[i % 4][:, 1:])
+        system.backward(system.forward(data[i % 4][:, :-1], data[i % 4][:, 1:]))
+        system.step()
     dist.barrier()
+    phase = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     t0 = time.perf_counter()
     for i in range(args.steps):
-        loss = step(data[i % 4][:, :-1], data[i % 4][:, 1:])
+        ta = time.perf_counter()
+        loss = system.forward(data[i % 4][:, :-1], data[i % 4][:, 1:])
+        tb = time.perf_counter()
+        system.backward(loss)
+        tc = time.perf_counter()
+        system.step()
+        td = time.perf_counter()
+        phase["forward"] += tb - ta
+        phase["backward"] += tc - tb
+        phase["step"] += td - tc
     dist.barrier()
     elapsed = time.perf_counter() - t0
-    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-    gathered = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(gathered, rss)
+    rss = gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, world)
+    # One more step, untimed, to measure model state between its backward and its optimizer step.
+    system.backward(system.forward(data[0][:, :-1], data[0][:, 1:]))
+    breakdown = system.model_state()
+    system.step()
+    state = gather(float(sum(breakdown.values())), world)
     if rank == 0:
-        params = sum(p.numel() for p in model.parameters())
         print(json.dumps({
             "system": args.system, "stage": args.stage, "world": world, "params": params,
             "tokens_per_s": args.steps * args.micro * args.seq * world / elapsed,
-            "peak_rss_mib": [round(t.item(), 1) for t in gathered], "final_loss": loss.item(),
+            "peak_rss_mib": [round(v, 1) for v in rss], "final_loss": loss.item(),
+            "model_state_bytes": [int(v) for v in state], "model_state_breakdown": breakdown,
+            "phase_s": {k: round(v / args.steps, 4) for k, v in phase.items()},
         }), flush=True)
     dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ FEATURES: dict[str, str] = {
     "engine stage 0": AVAILABLE,
     "fp16/bf16": AVAILABLE,
     "launcher": AVAILABLE,
-    "ZeRO stage 1/2": NOT_YET,
+    "ZeRO stage 1/2": AVAILABLE,
     "ZeRO stage 3": NOT_YET,
     "CPU offload": NOT_YET,
     "NVMe offload": NOT_YET,

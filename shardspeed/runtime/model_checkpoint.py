@@ -71,6 +71,9 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
 def _model_state(engine: "ShardspeedEngine", client_state: dict[str, Any], exclude_frozen: bool) -> dict[str, Any]:
     return {
         "module": engine.module_state_dict(exclude_frozen),
+        # Tied weights appear under several names; optimizer state is kept under the first one.
+        "param_aliases": _aliases(engine.module),
+        "buffer_names": [n for n, _ in engine.module.named_buffers(remove_duplicate=False)],
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "state_dict") else None,
         "global_steps": engine.global_steps,
         "global_samples": engine.global_samples,
@@ -80,6 +83,17 @@ def _model_state(engine: "ShardspeedEngine", client_state: dict[str, Any], exclu
         "zero_stage": engine.zero_optimization_stage(),
         "client_state": client_state,
     }
+
+
+def _aliases(module: torch.nn.Module) -> dict[str, str]:
+    first: dict[torch.nn.Parameter, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p in first:
+            aliases[name] = first[p]
+        else:
+            first[p] = name
+    return aliases
 
 
 def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:

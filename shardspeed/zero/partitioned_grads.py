@@ -12,6 +12,7 @@ which each rank keeps its own slice. `reduce_scatter: false` always all-reduces,
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from ..comm.topology import AxisGroup
 from .layout import GroupLayout, bucket_ranges
 
 
-@dataclass
+@dataclass(eq=False)
 class _Bucket:
     group: int
     start: int
@@ -36,6 +37,8 @@ class _Bucket:
 
 class PartitionedGradients:
     """Owns gradient memory for partitioned groups and delivers each rank its reduced partition."""
+
+    MAX_IN_FLIGHT = 2
 
     def __init__(
         self,
@@ -78,7 +81,11 @@ class PartitionedGradients:
         self.zero()
         self.sync_enabled = False
         self._callback_queued = False
+        # Stage 2 memory bound: at most MAX_IN_FLIGHT buckets are being reduced at once, and staging
+        # buffers (each the size of the largest bucket) are reused from a pool.
+        self._staging_size = max(b.end - b.start for b in self.buckets)
         self._free_staging: list[torch.Tensor] = []
+        self._in_flight: deque[_Bucket] = deque()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
 
     def _grad_view(self, p: torch.nn.Parameter) -> torch.Tensor:
@@ -112,12 +119,11 @@ class PartitionedGradients:
 
     def _stage(self, bucket: _Bucket) -> torch.Tensor:
         if bucket.staging is None:
-            size = bucket.end - bucket.start
-            reuse = next((i for i, t in enumerate(self._free_staging) if t.numel() >= size), None)
-            buffer = self._free_staging.pop(reuse)[:size] if reuse is not None else torch.empty(
-                size, dtype=self.partitions[0].dtype, device=self.partitions[0].device)
-            bucket.staging = buffer.zero_()
-        return bucket.staging
+            buffer = self._free_staging.pop() if self._free_staging else torch.empty(
+                self._staging_size, dtype=self.partitions[0].dtype, device=self.partitions[0].device)
+            bucket.staging = buffer
+            buffer[: bucket.end - bucket.start].zero_()
+        return bucket.staging[: bucket.end - bucket.start]
 
     def _launch(self, bucket: _Bucket) -> None:
         tensor = self._stage(bucket) if self.partition_grads else self.flat_grads[bucket.group][bucket.start:bucket.end]
@@ -138,8 +144,11 @@ class PartitionedGradients:
         else:
             bucket.result = tensor
             bucket.work = dist.all_reduce(tensor, group=self.dp.group, async_op=True) if self.dp.size > 1 else None
+        self._in_flight.append(bucket)
         if not self.overlap:
             self._finish(bucket)
+        while len(self._in_flight) > self.MAX_IN_FLIGHT:
+            self._finish(self._in_flight[0])
 
     @staticmethod
     def _intersection(layout: GroupLayout, bucket: _Bucket, rank: int) -> tuple[int, int]:
@@ -151,6 +160,8 @@ class PartitionedGradients:
         """Wait for a bucket's collective and put this rank's share where the optimizer reads it."""
         if bucket.result is None:
             return
+        if bucket in self._in_flight:
+            self._in_flight.remove(bucket)
         if bucket.work is not None:
             bucket.work.wait()
         post = self.dp.size / self.predivide
@@ -180,8 +191,8 @@ class PartitionedGradients:
         self.wait()
 
     def wait(self) -> None:
-        for bucket in self.buckets:
-            self._finish(bucket)
+        while self._in_flight:
+            self._finish(self._in_flight[0])
         self.sync_enabled = False
 
     # ---- between steps -----------------------------------------------------------------------
