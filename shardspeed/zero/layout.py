@@ -68,11 +68,14 @@ def build_layout(named: list[tuple[str, torch.nn.Parameter]], world: int) -> Gro
 def bucket_ranges(layout: GroupLayout, bucket_elements: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges covering the padded buffer, cut at parameter boundaries.
 
-    A bucket closes once it holds at least `bucket_elements`; a parameter bigger than that is a
-    bucket of its own. The padding tail joins the last bucket.
+    A bucket never holds more than `bucket_elements`, except a parameter bigger than that, which
+    is a bucket of its own. The padding tail joins the last bucket.
     """
     ranges, start = [], 0
     for slot in layout.slots:
+        if slot.end - start > bucket_elements and slot.offset > start:
+            ranges.append((start, slot.offset))  # close before this parameter would overflow it
+            start = slot.offset
         if slot.end - start >= bucket_elements:
             ranges.append((start, slot.end))
             start = slot.end

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..comm.collectives import all_gather_partitions
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
 from .base import StepResult, clip_factor, grad_norm, tensor_bytes
@@ -126,16 +127,9 @@ class PartitionedOptimizer:
         return StepResult(applied=True, overflow=False, grad_norm=norm)
 
     def _all_gather(self) -> None:
-        """Every rank's updated partition into every rank's flat buffer, a chunk at a time."""
-        if self.dp.size == 1:
-            return
+        """Every rank's updated partition into every rank's flat buffer."""
         for flat, layout in zip(self.flat_params, self.layouts):
-            size = layout.partition_size
-            for lo in range(0, size, self.allgather_elements):
-                hi = min(size, lo + self.allgather_elements)
-                outputs = [flat[r * size + lo:r * size + hi] for r in range(self.dp.size)]
-                mine = outputs[self.dp.rank].clone()
-                dist.all_gather(outputs, mine, group=self.dp.group)
+            all_gather_partitions(flat, layout.partition_size, self.dp, self.allgather_elements)
 
     def zero_grad(self) -> None:
         self.grads.zero()

@@ -38,7 +38,7 @@ class _Bucket:
 class PartitionedGradients:
     """Owns gradient memory for partitioned groups and delivers each rank its reduced partition."""
 
-    MAX_IN_FLIGHT = 2
+    MAX_IN_FLIGHT = 1  # with the bucket being filled: two staging buffers, each <= reduce_bucket_size
 
     def __init__(
         self,

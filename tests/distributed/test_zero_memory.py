@@ -12,7 +12,7 @@ import shardspeed
 from tests.harness import run_distributed
 
 BUCKET = 5_000
-LARGEST = 64 * 64  # the biggest parameter: a bucket closes within one parameter of BUCKET
+LARGEST = 64 * 64  # the biggest parameter (a parameter above BUCKET would be a bucket of its own)
 
 
 class Deep(nn.Module):
@@ -61,8 +61,8 @@ def test_model_states_follow_the_zero_formulas(tmp_path, world, precision):
             total = sum(v for key, v in b.items() if key != "gradient_buckets")
             # Padding to ALIGN * world elements per group is the only slack besides buckets.
             assert expected <= total <= expected * 1.02 + 64, (stage, b, expected)
-            # Staging: at most two buckets in flight plus one filling, each at most BUCKET + LARGEST.
-            assert b.get("gradient_buckets", 0) <= 3 * (BUCKET + LARGEST) * k, b
+            # Staging: one bucket being reduced and one filling, each at most max(BUCKET, LARGEST).
+            assert b.get("gradient_buckets", 0) <= 2 * max(BUCKET, LARGEST) * k, b
             assert b["optimizer_states"] <= 8 * psi / world * 1.02 + 64
             if stage == 2:
                 assert b["gradients"] <= k * psi / world * 1.02 + 64
