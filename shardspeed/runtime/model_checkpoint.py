@@ -101,7 +101,7 @@ def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         "optimizer": engine.strategy.state_dict() if engine.strategy is not None and (
             not engine.strategy.replicated or engine.global_rank == 0) else None,
-        "dataloader_epoch": getattr(engine.training_dataloader, "epoch", None),
+        "dataloader": engine.training_dataloader.state_dict() if engine.training_dataloader is not None else None,
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state()
@@ -155,8 +155,8 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
         setattr(engine, key, model_state[key])
     _restore_rng(rank_state["rng"])
-    if rank_state.get("dataloader_epoch") is not None and engine.training_dataloader is not None:
-        engine.training_dataloader.set_epoch(rank_state["dataloader_epoch"])
+    if rank_state.get("dataloader") is not None and engine.training_dataloader is not None and saved_world == dist.get_world_size():
+        engine.training_dataloader.load_state_dict(rank_state["dataloader"])
     return str(folder), model_state["client_state"]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,23 +131,33 @@ def _load_expecting_error(ckpt: str) -> str:
     return "no error"
 
 
+def _load_each_expecting_error(folders: list[str]) -> list[str]:
+    return [_load_expecting_error(folder) for folder in folders]
+
+
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_damaged_files_are_named(tmp_path, damage):
+def test_damaged_files_are_named(tmp_path):
     """Catches a corrupt, truncated or missing checkpoint file loading silently."""
     ckpt = tmp_path / "ckpt"
     run_distributed(_save_only, 2, tmp_path / "save", str(ckpt))
-    victim = ckpt / "good" / "rank_1_states.pt"
-    data = victim.read_bytes()
-    if damage == "flip":
-        victim.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
-    elif damage == "truncate":
-        victim.write_bytes(data[: len(data) // 2])
-    else:
-        victim.unlink()
-    messages = run_distributed(_load_expecting_error, 2, tmp_path / "load", str(ckpt))
-    assert str(victim) in messages[1]
-    assert ("missing" if damage == "delete" else "corrupt") in messages[1]
+    damages = ["flip", "truncate", "delete"]
+    victims = []
+    for damage in damages:
+        copy = tmp_path / damage
+        shutil.copytree(ckpt, copy)
+        victim = copy / "good" / "rank_1_states.pt"
+        data = victim.read_bytes()
+        if damage == "flip":
+            victim.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+        elif damage == "truncate":
+            victim.write_bytes(data[: len(data) // 2])
+        else:
+            victim.unlink()
+        victims.append(victim)
+    per_rank = run_distributed(_load_each_expecting_error, 2, tmp_path / "load", [str(tmp_path / d) for d in damages])
+    for damage, victim, message in zip(damages, victims, per_rank[1]):
+        assert str(victim) in message, (damage, message)
+        assert ("missing" if damage == "delete" else "corrupt") in message, (damage, message)
 
 
 # ---- ZeRO stages: same-layout resume and any-layout loading -------------------------------------

@@ -58,6 +58,11 @@ def _train(precision: dict, overflow_step: int | None = None, stage: int = 0) ->
     }
 
 
+def _train_pair(precision: dict, stage: int) -> tuple[dict, dict]:
+    """An fp32 run and a 16-bit run, one after the other in the same processes."""
+    return _train({}, None, stage), _train(precision, None, stage)
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stage", [0, 2])
 @pytest.mark.parametrize("name,precision,dtype", [
@@ -66,8 +71,8 @@ def _train(precision: dict, overflow_step: int | None = None, stage: int = 0) ->
 ])
 def test_16bit_training_tracks_fp32_with_fp32_masters(tmp_path, name, precision, dtype, stage):
     """Catches masters not kept in fp32, updates not copied back, or 16-bit training diverging."""
-    fp32 = run_distributed(_train, 2, tmp_path / "fp32", {}, None, stage)
-    low = run_distributed(_train, 2, tmp_path / name, precision, None, stage)
+    pairs = run_distributed(_train_pair, 2, tmp_path, precision, stage)
+    fp32, low = [p[0] for p in pairs], [p[1] for p in pairs]
     for r, ref in zip(low, fp32):
         assert r["param_dtypes"] == {dtype} and r["master_dtypes"] <= {torch.float32}
         assert r["masters_rounded_equal"], "model weights must be the masters rounded to 16 bits"
