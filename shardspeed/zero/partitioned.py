@@ -26,7 +26,7 @@ from ..runtime.loss_scaler import LossScaler
 from .base import StepResult, clip_factor, grad_norm, tensor_bytes
 from .layout import GroupLayout, build_layout
 from .partitioned_grads import PartitionedGradients
-from .universal import restore_hyperparams
+from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
 class PartitionedOptimizer:
@@ -152,21 +152,16 @@ class PartitionedOptimizer:
 
     def state_dict(self) -> dict[str, Any]:
         groups = []
-        for g, (layout, master) in enumerate(zip(self.layouts, self.masters)):
+        for layout, master in zip(self.layouts, self.masters):
             state = self.optimizer.state.get(master, {})
             groups.append({
                 "slots": [(s.name, s.offset, s.numel, s.shape) for s in layout.slots],
                 "partition": layout.partition(self.dp.rank),
                 "padded_numel": layout.padded_numel,
                 "master": master.detach().clone(),
-                "state": {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()},
+                "state": snapshot_state(state),
             })
-        return {
-            "format": "partitioned",
-            "groups": groups,
-            "hyperparams": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
-            "loss_scaler": self.loss_scaler.state_dict(),
-        }
+        return {**shard_header(self.optimizer, self.loss_scaler, "partitioned"), "groups": groups}
 
     def sync_masters_from_model(self) -> None:
         with torch.no_grad():
@@ -178,7 +173,7 @@ class PartitionedOptimizer:
     def load_universal(self, universal: dict[str, Any]) -> None:
         """Take fp32 weights and optimizer states per parameter name (any saved layout) and keep our partitions."""
         params = universal["params"]
-        for g, (layout, master, flat) in enumerate(zip(self.layouts, self.masters, self.flat_params)):
+        for layout, master, flat in zip(self.layouts, self.masters, self.flat_params):
             start, end = layout.partition(self.dp.rank)
             full = torch.zeros(layout.padded_numel, dtype=torch.float32)
             for slot in layout.slots:

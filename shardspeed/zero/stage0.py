@@ -15,7 +15,7 @@ from ..comm.grad_buckets import GradientBucketReducer
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
 from .base import StepResult, clip_factor, grad_norm, tensor_bytes
-from .universal import restore_hyperparams
+from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
 class ReplicatedOptimizer:
@@ -91,16 +91,8 @@ class ReplicatedOptimizer:
         params = {}
         for name, _, target in self._stepped():
             state = self.optimizer.state.get(target, {})
-            params[name] = {
-                "fp32": target.detach().float().clone(),
-                "state": {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()},
-            }
-        return {
-            "format": "replicated",
-            "params": params,
-            "hyperparams": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
-            "loss_scaler": self.loss_scaler.state_dict(),
-        }
+            params[name] = {"fp32": target.detach().float().clone(), "state": snapshot_state(state)}
+        return {**shard_header(self.optimizer, self.loss_scaler, "replicated"), "params": params}
 
     def sync_masters_from_model(self) -> None:
         with torch.no_grad():

@@ -17,6 +17,20 @@ from typing import Any
 import torch
 
 
+def snapshot_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A detached copy of one parameter's optimizer state (tensors cloned, scalars kept)."""
+    return {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+def shard_header(optimizer: torch.optim.Optimizer, loss_scaler: Any, fmt: str) -> dict[str, Any]:
+    """What every shard carries besides tensors: its format, per-group hyperparameters, the loss scale."""
+    return {
+        "format": fmt,
+        "hyperparams": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups],
+        "loss_scaler": loss_scaler.state_dict(),
+    }
+
+
 def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
     shards = [s for s in shards if s is not None]
     if not shards:
