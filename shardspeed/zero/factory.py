@@ -34,6 +34,7 @@ def build_zero_strategy(
     predivide = cfg.gradient_predivide_factor if cfg.prescale_gradients else None
     check_overflow = cfg.fp16.enabled or (cfg.bf16.enabled and cfg.bf16.check_grad_overflow)
     if zero.stage in (1, 2):
+        _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
         dp = topology.axis("data")
         return PartitionedOptimizer(
             module, optimizer, dp, loss_scaler, stage=zero.stage,
@@ -47,4 +48,26 @@ def build_zero_strategy(
         module, optimizer, topology.axis("data"), loss_scaler,
         bucket_elements=zero.reduce_bucket_size, check_overflow=check_overflow,
         comm_dtype=comm_dtype, predivide=predivide,
+    )
+
+
+def _elementwise_optimizers() -> tuple[type, ...]:
+    from ..runtime.optimizers.factory import AdamNoBiasCorrection
+    from ..runtime.optimizers.lion import Lion
+
+    o = torch.optim
+    return (o.Adam, o.AdamW, o.SGD, o.Adagrad, o.RMSprop, o.Adamax, o.NAdam, o.RAdam, o.Adadelta, Lion, AdamNoBiasCorrection)
+
+
+def _check_partitionable(optimizer: torch.optim.Optimizer, allowed: bool) -> None:
+    """ZeRO steps flat partitions, which is exact only for optimizers that update element by element.
+
+    Lamb's per-parameter trust ratio, for one, would be computed over a partition instead.
+    """
+    if isinstance(optimizer, _elementwise_optimizers()) or allowed:
+        return
+    raise ConfigError(
+        f"{type(optimizer).__name__} is not known to update element by element, so ZeRO stages 1-2 may change its "
+        "results (Lamb's per-parameter trust ratio, for one, would span a whole partition). Use zero_optimization.stage 0, "
+        "or set `zero_allow_untested_optimizer: true` to partition it anyway."
     )

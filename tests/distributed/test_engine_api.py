@@ -99,6 +99,8 @@ def test_unsupported_and_conflicting_settings_fail_clearly(tmp_path):
         "elasticity": {**BASE, "elasticity": {"enabled": True}},
         "optimizer.params.lr": {**BASE, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
         "batch sizes disagree": {**BASE, "train_batch_size": 5, "gradient_accumulation_steps": 2},
+        "zero_allow_untested_optimizer": {**BASE, "optimizer": {"type": "Lamb", "params": {"lr": 1e-3}},
+                                          "zero_optimization": {"stage": 1}},
     }
     results = run_distributed(_check_errors, 2, tmp_path, cases)
     for expected, message in results[0].items():
