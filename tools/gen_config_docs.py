@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from shardspeed.config.loader import model_in_annotation
 from shardspeed.config.schema import UNIMPLEMENTED_SECTIONS, ShardspeedConfig
 
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
@@ -74,7 +75,7 @@ def render() -> str:
 def _sections(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[BaseModel], FieldInfo]]:
     """(dotted path, section model, the field holding it), depth first in declaration order."""
     for name, field in model.model_fields.items():
-        section = _model_in(field.annotation)
+        section = model_in_annotation(field.annotation)
         if section is not None:
             path = f"{prefix}{name}"
             yield path, section, field
@@ -87,7 +88,7 @@ def _table(model: type[BaseModel], path: str) -> str:
         if not path and name in UNIMPLEMENTED_SECTIONS:
             continue  # listed in their own section
         key = f"`{name}`" + (f" (alias `{field.alias}`)" if field.alias else "")
-        section = _model_in(field.annotation)
+        section = model_in_annotation(field.annotation)
         description = field.description or ""
         if section is not None:
             dotted = f"{path}.{name}" if path else name
@@ -123,7 +124,7 @@ def _type_name(annotation: Any) -> str:
         return "null"
     if annotation is Any:
         return "any"
-    if _model_in(annotation) is not None:
+    if model_in_annotation(annotation) is not None:
         return "section"
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
@@ -138,17 +139,6 @@ def _default(field: FieldInfo) -> str:
     if isinstance(value, BaseModel):
         return "(section defaults)"
     return f"`{json.dumps(value)}`"
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
 
 
 def _cell(text: str) -> str:

@@ -102,16 +102,17 @@ def _section_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None
         if section is None:
             return None
         field = next((f for n, f in section.model_fields.items() if part in (n, f.alias)), None)
-        section = _model_in(field.annotation) if field else None
+        section = model_in_annotation(field.annotation) if field else None
     return section
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+    """The config section class an annotation holds (`X`, `X | None`), or None for plain values."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):
-            found = _model_in(arg)
+            found = model_in_annotation(arg)
             if found:
                 return found
     return None

@@ -69,6 +69,11 @@ def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None)
     return squared.sqrt()
 
 
+def scaled_backward(loss: torch.Tensor, scale: float, retain_graph: bool = False) -> None:
+    """Backward of `loss * scale` (fp16 loss scaling; a unit scale adds no multiply)."""
+    (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+
+
 def clip_factor(norm: float, max_norm: float) -> float:
     """The factor gradients are multiplied by so their global norm is at most `max_norm` (0: off)."""
     if max_norm <= 0:

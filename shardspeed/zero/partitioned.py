@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ..comm.collectives import all_gather_partitions
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, clip_factor, grad_norm, tensor_bytes
+from .base import StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
 from .layout import GroupLayout, build_layout
 from .partitioned_grads import PartitionedGradients
 from .universal import restore_hyperparams, shard_header, snapshot_state
@@ -99,8 +99,7 @@ class PartitionedOptimizer:
         self.grads.prepare(boundary)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        scale = self.loss_scaler.loss_scale
-        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
         scale = self.loss_scaler.loss_scale

@@ -14,7 +14,7 @@ import torch
 from ..comm.grad_buckets import GradientBucketReducer
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, clip_factor, grad_norm, tensor_bytes
+from .base import StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
@@ -44,8 +44,7 @@ class ReplicatedOptimizer:
         self.reducer.prepare(sync=boundary)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        scale = self.loss_scaler.loss_scale
-        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
         grads = self._master_grads()
