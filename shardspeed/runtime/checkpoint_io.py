@@ -49,14 +49,6 @@ def save_torch(obj: Any, path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path, digests: dict[str, str], meta: dict[str, Any]) -> None:
     atomic_write_bytes(folder / MANIFEST, json.dumps({"files": digests, **meta}, indent=1, sort_keys=True).encode())
 

@@ -68,8 +68,3 @@ class ShardspeedDataLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
-
-def repeating(loader: ShardspeedDataLoader) -> Iterator[Any]:
-    """Endless micro batches, epoch after epoch."""
-    while True:
-        yield from loader

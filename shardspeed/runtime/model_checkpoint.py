@@ -144,12 +144,15 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     if load_module_only:
         return str(folder), model_state["client_state"]
     saved_world = int(manifest.get("world_size", 1))
+    own = engine.global_rank if engine.global_rank < saved_world else 0
     if load_optimizer_states and engine.strategy is not None:
         # Any saved layout: gather every saved rank's shard into per-parameter state, keep ours.
-        shards = [load_verified(folder, _rank_file(r), manifest)["optimizer"] for r in range(saved_world)]
-        engine.strategy.load_universal(merge_shards(shards))
-    own_file = _rank_file(engine.global_rank if engine.global_rank < saved_world else 0)
-    rank_state = load_verified(folder, own_file, manifest)
+        states = [load_verified(folder, _rank_file(r), manifest) for r in range(saved_world)]
+        rank_state = states[own]
+        engine.strategy.load_universal(merge_shards([s["optimizer"] for s in states]))
+        del states
+    else:
+        rank_state = load_verified(folder, _rank_file(own), manifest)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):

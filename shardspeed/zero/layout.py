@@ -48,12 +48,6 @@ class GroupLayout:
         """[start, end) of rank's partition in the flat buffer."""
         return rank * self.partition_size, (rank + 1) * self.partition_size
 
-    def owners(self, start: int, end: int) -> range:
-        """Ranks whose partitions intersect the flat range [start, end)."""
-        if end <= start:
-            return range(0)
-        return range(start // self.partition_size, (end - 1) // self.partition_size + 1)
-
 
 def build_layout(named: list[tuple[str, torch.nn.Parameter]], world: int) -> GroupLayout:
     slots, offset = [], 0

@@ -134,10 +134,10 @@ class PartitionedGradients:
             tensor.div_(self.predivide)
         layout = self.layouts[bucket.group]
         if self.reduce_scatter and self.dp.size > 1:
-            chunk = max(self._intersection(layout, bucket, r)[1] - self._intersection(layout, bucket, r)[0] for r in range(self.dp.size))
+            spans = [self._intersection(layout, bucket, r) for r in range(self.dp.size)]
+            chunk = max(hi - lo for lo, hi in spans)
             send = torch.zeros(chunk * self.dp.size, dtype=tensor.dtype, device=tensor.device)
-            for r in range(self.dp.size):
-                lo, hi = self._intersection(layout, bucket, r)
+            for r, (lo, hi) in enumerate(spans):
                 send[r * chunk:r * chunk + hi - lo] = tensor[lo - bucket.start:hi - bucket.start]
             bucket.result = torch.empty(chunk, dtype=tensor.dtype, device=tensor.device)
             bucket.work = dist.reduce_scatter_tensor(bucket.result, send, group=self.dp.group, async_op=True)
