@@ -73,4 +73,5 @@ class GPT(nn.Module):
 
 
 def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # Under ZeRO stage 3 a parameter's `.data` is empty between uses; `ds_numel` is its real size.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

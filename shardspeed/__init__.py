@@ -22,11 +22,14 @@ _EXPORTS = {
     "PipeModelDataParallelTopology": "shardspeed.comm.topology",
 }
 _ALIASES = {"DeepSpeedEngine": "ShardspeedEngine", "DeepSpeedConfig": "ShardspeedConfig"}
+_SUBMODULES = {"zero", "comm", "checkpoint"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
 
-__all__ = sorted([*_EXPORTS, *_ALIASES, "__version__"])
+__all__ = sorted([*_EXPORTS, *_ALIASES, *_SUBMODULES, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"shardspeed.{name}")
     target = _ALIASES.get(name, name)
     if target not in _EXPORTS:
         raise AttributeError(f"module 'shardspeed' has no attribute {name!r}")

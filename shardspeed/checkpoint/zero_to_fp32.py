@@ -170,6 +170,9 @@ def _without_optimizer_moments(shard: dict[str, Any] | None) -> dict[str, Any] |
     elif shard.get("format") == "partitioned":
         for group in shard["groups"]:
             group["state"] = {}
+    elif shard.get("format") == "param_shards":
+        for unit in shard["units"]:
+            unit["state"] = {}
     return shard
 
 

@@ -23,7 +23,7 @@ FEATURES: dict[str, str] = {
     "fp16/bf16": AVAILABLE,
     "launcher": AVAILABLE,
     "ZeRO stage 1/2": AVAILABLE,
-    "ZeRO stage 3": NOT_YET,
+    "ZeRO stage 3": AVAILABLE,
     "CPU offload": NOT_YET,
     "NVMe offload": NOT_YET,
     "pipeline parallel": NOT_YET,

@@ -53,8 +53,10 @@ class ShardspeedEngine(torch.nn.Module):
         self.lr_scheduler = lr_scheduler
         self.loss_scaler = loss_scaler
         self.training_dataloader = training_dataloader
+        # Stage 3 partitions parameters even without an optimizer (inference, frozen reference models).
         self.strategy: ZeroStrategy | None = (
-            build_zero_strategy(config, module, optimizer, topology, loss_scaler) if optimizer is not None else None
+            build_zero_strategy(config, module, optimizer, topology, loss_scaler)
+            if optimizer is not None or config.zero_stage == 3 else None
         )
         self.optimizer = optimizer
         self.global_steps = 0
@@ -232,7 +234,7 @@ class ShardspeedEngine(torch.nn.Module):
             self._boundary_override = previous
 
     def _require_optimizer(self, what: str) -> None:
-        if self.strategy is None:
+        if self.optimizer is None:
             raise RuntimeError(
                 f"engine.{what}() needs an optimizer: pass optimizer= to initialize or add an `optimizer` section to the config"
             )
@@ -249,7 +251,14 @@ class ShardspeedEngine(torch.nn.Module):
         return checkpointing.load(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                   load_lr_scheduler_states, load_module_only)
 
+    @property
+    def _partitions_parameters(self) -> bool:
+        return getattr(self.strategy, "partitions_parameters", False)
+
     def module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+        """The module's state dict. At stage 3 every rank must call it and only rank 0 gets the whole (others {})."""
+        if self._partitions_parameters:
+            return self.strategy.consolidated_state_dict(exclude_frozen_parameters)
         state = self.module.state_dict()
         if exclude_frozen_parameters:
             frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
@@ -261,10 +270,20 @@ class ShardspeedEngine(torch.nn.Module):
         return checkpointing.save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
 
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
-        """The full state dict on rank 0 (at stages 0-2 the module already holds it)."""
+        """The full state dict on rank 0, None elsewhere. At stage 3 every rank must call it (it gathers)."""
+        if self._partitions_parameters:
+            state = self.strategy.consolidated_state_dict(exclude_frozen_parameters)
+            return state if self.global_rank == 0 else None
         if self.global_rank != 0:
             return None
         return {k: v.detach().clone() for k, v in self.module_state_dict(exclude_frozen_parameters).items()}
+
+    def load_module_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load whole weights into the module (at stage 3: into every rank's shards)."""
+        if self._partitions_parameters:
+            self.strategy.load_module_state_dict(state_dict, strict)
+        else:
+            self.module.load_state_dict(state_dict, strict=strict)
 
     def destroy(self) -> None:
         self.monitor.close()

@@ -122,6 +122,7 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
         "zero_optimization.zero_quantized_weights": cfg.zero_optimization.zero_quantized_weights,
         "zero_optimization.zero_quantized_gradients": cfg.zero_optimization.zero_quantized_gradients,
         "zero_optimization.zero_hpz_partition_size": cfg.zero_optimization.zero_hpz_partition_size > 1,
+        "zero_optimization.stage3_module_granularity_threshold": cfg.zero_optimization.module_granularity_threshold > 0,
     }
     for key, on in pending.items():
         if on:
@@ -131,6 +132,8 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
 def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topology) -> torch.nn.Module:
     """Move to this rank's device, cast to the training dtype, and copy rank 0's weights everywhere."""
     device = get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0")))
+    if any(hasattr(p, "ds_unit") for p in model.parameters()):
+        return _place_partitioned_module(model, device, topology)
     model.to(device)
     if cfg.fp16.enabled:
         model.half()
@@ -140,6 +143,21 @@ def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topol
     if dp.size > 1:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=dp.ranks[0], group=dp.group)
+    return model
+
+
+def _place_partitioned_module(model: torch.nn.Module, device: torch.device, topology: Topology) -> torch.nn.Module:
+    """A model built under zero.Init: its parameters are already placed, cast and partitioned.
+
+    Parameters it gained outside zero.Init are still whole; they and the buffers get rank 0's values.
+    """
+    dp = topology.axis("data")
+    whole = [p for p in model.parameters() if not hasattr(p, "ds_unit")]
+    with torch.no_grad():
+        for tensor in [*whole, *model.buffers()]:
+            tensor.data = tensor.data.to(device)
+            if dp.size > 1:
                 dist.broadcast(tensor.data, src=dp.ranks[0], group=dp.group)
     return model
 

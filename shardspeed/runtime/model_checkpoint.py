@@ -44,9 +44,10 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
         shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed save
         partial.mkdir()
     dist.barrier()
+    module_state = engine.module_state_dict(exclude_frozen)  # collective at stage 3 (gathers the weights)
     digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
     if rank == 0:
-        digests[MODEL_FILE] = save_torch(_model_state(engine, client_state, exclude_frozen), partial / MODEL_FILE)
+        digests[MODEL_FILE] = save_torch(_model_state(engine, module_state, client_state), partial / MODEL_FILE)
     gathered: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, digests)
     if rank == 0:
@@ -68,9 +69,9 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
     return True
 
 
-def _model_state(engine: "ShardspeedEngine", client_state: dict[str, Any], exclude_frozen: bool) -> dict[str, Any]:
+def _model_state(engine: "ShardspeedEngine", module_state: dict[str, Any], client_state: dict[str, Any]) -> dict[str, Any]:
     return {
-        "module": engine.module_state_dict(exclude_frozen),
+        "module": module_state,
         # Tied weights appear under several names; optimizer state is kept under the first one.
         "param_aliases": _aliases(engine.module),
         "buffer_names": [n for n, _ in engine.module.named_buffers(remove_duplicate=False)],
@@ -138,7 +139,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
         raise CheckpointError(f"checkpoint folder `{folder}` does not exist (tag {tag!r})")
     manifest = read_manifest(folder)
     model_state = load_verified(folder, MODEL_FILE, manifest)
-    engine.module.load_state_dict(model_state["module"], strict=strict)
+    engine.load_module_state_dict(model_state["module"], strict=strict)
     if engine.strategy is not None:
         engine.strategy.sync_masters_from_model()
     if load_module_only:
@@ -175,10 +176,24 @@ def _restore_rng(rng: dict[str, Any]) -> None:
 
 
 def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, exclude_frozen: bool) -> bool:
-    """The module's weights in their training dtype, as one torch file written by rank 0."""
+    """The module's weights in their training dtype, as one torch file written by rank 0.
+
+    At stage 3 the weights are gathered only when `stage3_gather_16bit_weights_on_model_save` is
+    set; otherwise nothing is written and False is returned, as DeepSpeed does.
+    """
+    if engine.zero_optimization_stage() == 3 and not engine.config.zero_optimization.gather_16bit_weights_on_model_save:
+        if engine.global_rank == 0:
+            import logging
+
+            logging.getLogger("shardspeed").warning(
+                "did not save the model %s: set zero_optimization.stage3_gather_16bit_weights_on_model_save to true "
+                "to gather stage-3 weights on save (or use save_checkpoint and `shardspeed zero-to-fp32`)",
+                Path(save_dir) / filename)
+        return False
+    whole = engine.module_state_dict(exclude_frozen)  # collective at stage 3
     if engine.global_rank == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in engine.module_state_dict(exclude_frozen).items()}
+        state = {k: v.detach().cpu() for k, v in whole.items()}
         save_torch(state, Path(save_dir) / filename)
     dist.barrier()
     return True

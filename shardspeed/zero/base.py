@@ -5,6 +5,7 @@ optimizer states live and how gradients are combined across data-parallel ranks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +80,31 @@ def clip_factor(norm: float, max_norm: float) -> float:
     if max_norm <= 0:
         return 1.0
     return min(1.0, max_norm / (norm + CLIP_EPS))
+
+
+def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float) -> StepResult:
+    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions.
+
+    Partitions are disjoint: their squared norms add up across ranks to the global norm, and an
+    inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
+    """
+    scale = loss_scaler.loss_scale
+    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    norm = grad_norm(grads, group=group).item() / scale
+    overflow = check_overflow and not math.isfinite(norm)
+    loss_scaler.update_scale(overflow)
+    if overflow:
+        return StepResult(applied=False, overflow=True, grad_norm=norm)
+    factor = clip_factor(norm, max_norm) / scale
+    for master, grad in zip(masters, grads):
+        master.grad = grad
+    if factor != 1.0:
+        torch._foreach_mul_(grads, factor)
+    optimizer.step()
+    for master in masters:
+        master.grad = None
+    return StepResult(applied=True, overflow=False, grad_norm=norm)
 
 
 def tensor_bytes(tensors: Any) -> int:

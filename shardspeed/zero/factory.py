@@ -9,7 +9,9 @@ from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
 from ..runtime.loss_scaler import LossScaler
 from .base import ZeroStrategy
+from .param_shards import is_partitioned
 from .partitioned import PartitionedOptimizer
+from .stage3 import Stage3Optimizer
 from .stage0 import ReplicatedOptimizer
 
 _COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -24,8 +26,6 @@ def build_zero_strategy(
     loss_scaler: LossScaler,
 ) -> ZeroStrategy:
     zero = cfg.zero_optimization
-    if zero.stage == 3:
-        raise ConfigError("`zero_optimization.stage` 3 is not supported yet by shardspeed (this version has stages 0-2); set it to 0, 1 or 2")
     for name in ("offload_optimizer", "offload_param"):
         section = getattr(zero, name)
         if section is not None and section.device != "none":
@@ -33,6 +33,19 @@ def build_zero_strategy(
     comm_dtype = _COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None
     predivide = cfg.gradient_predivide_factor if cfg.prescale_gradients else None
     check_overflow = cfg.fp16.enabled or (cfg.bf16.enabled and cfg.bf16.check_grad_overflow)
+    if zero.stage < 3 and any(is_partitioned(p) for p in module.parameters()):
+        raise ConfigError(f"the model was built under shardspeed.zero.Init (its parameters are partitioned) but "
+                          f"`zero_optimization.stage` is {zero.stage}; set it to 3")
+    if zero.stage == 3:
+        _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
+        return Stage3Optimizer(
+            module, optimizer, topology.axis("data"), loss_scaler,
+            prefetch_bucket_size=zero.prefetch_bucket_size,
+            param_persistence_threshold=zero.param_persistence_threshold,
+            model_persistence_threshold=zero.model_persistence_threshold,
+            max_live_parameters=zero.max_live_parameters, max_reuse_distance=zero.max_reuse_distance,
+            check_overflow=check_overflow, comm_dtype=comm_dtype, predivide=predivide,
+        )
     if zero.stage in (1, 2):
         _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
         dp = topology.axis("data")
@@ -67,7 +80,7 @@ def _check_partitionable(optimizer: torch.optim.Optimizer, allowed: bool) -> Non
     if isinstance(optimizer, _elementwise_optimizers()) or allowed:
         return
     raise ConfigError(
-        f"{type(optimizer).__name__} is not known to update element by element, so ZeRO stages 1-2 may change its "
+        f"{type(optimizer).__name__} is not known to update element by element, so ZeRO stages 1-3 may change its "
         "results (Lamb's per-parameter trust ratio, for one, would span a whole partition). Use zero_optimization.stage 0, "
         "or set `zero_allow_untested_optimizer: true` to partition it anyway."
     )

@@ -14,16 +14,14 @@ holds one flat master partition: any `torch.optim.Optimizer` is partitioned the 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..comm.collectives import all_gather_partitions
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
+from .base import StepResult, scaled_backward, step_partitions, tensor_bytes
 from .layout import GroupLayout, build_layout
 from .partitioned_grads import PartitionedGradients
 from .universal import restore_hyperparams, shard_header, snapshot_state
@@ -102,28 +100,16 @@ class PartitionedOptimizer:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
-        scale = self.loss_scaler.loss_scale
-        grads = [part if part.dtype == torch.float32 else part.float() for part in self.grads.partitions]
-        # Partitions are disjoint: the squared norms add up across ranks to the global norm, and an
-        # inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
-        norm = grad_norm(grads, group=self.dp.group if self.dp.size > 1 else None).item() / scale
-        overflow = self.check_overflow and not math.isfinite(norm)
-        self.loss_scaler.update_scale(overflow)
-        if overflow:
-            return StepResult(applied=False, overflow=True, grad_norm=norm)
-        factor = clip_factor(norm, max_norm) / scale
-        for master, grad in zip(self.masters, grads):
-            master.grad = grad
-        if factor != 1.0:
-            torch._foreach_mul_([m.grad for m in self.masters], factor)
-        self.optimizer.step()
+        result = step_partitions(self.optimizer, self.masters, self.grads.partitions, self.loss_scaler,
+                                 self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
+        if not result.applied:
+            return result
         for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
-            master.grad = None
             start, end = layout.partition(self.dp.rank)
             if flat.dtype != torch.float32:
                 flat[start:end].copy_(master.detach())
         self._all_gather()
-        return StepResult(applied=True, overflow=False, grad_norm=norm)
+        return result
 
     def _all_gather(self) -> None:
         """Every rank's updated partition into every rank's flat buffer."""

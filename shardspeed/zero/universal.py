@@ -1,7 +1,8 @@
 """A layout-free view of optimizer-side state, so a checkpoint loads at any world size and stage.
 
 Each strategy saves what its rank holds ("replicated": whole tensors per parameter, written by
-rank 0; "partitioned": flat partitions plus the slot table of their group). `merge_shards` turns
+rank 0; "partitioned": flat partitions plus the slot table of their group; "param_shards":
+stage 3's per-parameter shards, laid end to end per unit). `merge_shards` turns
 the shards of all saved ranks back into one dict per parameter name:
 
     {"params": {name: {"fp32": tensor, "state": {"exp_avg": tensor, "step": ...}}},
@@ -37,6 +38,8 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("no optimizer state in the checkpoint")
     if shards[0]["format"] == "replicated":
         return shards[0]
+    if shards[0]["format"] == "param_shards":
+        return _merge_param_shards(shards)
     merged: dict[str, Any] = {"params": {}, "hyperparams": shards[0]["hyperparams"], "loss_scaler": shards[0]["loss_scaler"]}
     for g, group in enumerate(shards[0]["groups"]):
         parts = sorted((s["groups"][g] for s in shards), key=lambda part: part["partition"][0])
@@ -53,6 +56,29 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
                 "state": {k: (v[offset:offset + numel].view(shape).clone() if k in states and torch.is_tensor(v)
                               and v.dim() > 0 and v.numel() == master.numel() else v) for k, v in states.items()},
             }
+    return merged
+
+
+def _merge_param_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stage 3: rank r holds shard r of every parameter (padded flat tensor cut in world pieces)."""
+    shards = sorted(shards, key=lambda s: s["rank"])
+    if len(shards) != shards[0]["world"]:
+        raise ValueError(f"stage-3 checkpoint has {len(shards)} rank shards but was saved by {shards[0]['world']} ranks")
+    merged: dict[str, Any] = {"params": {}, "hyperparams": shards[0]["hyperparams"], "loss_scaler": shards[0]["loss_scaler"]}
+    for u, unit in enumerate(shards[0]["units"]):
+        parts = [s["units"][u] for s in shards]
+        size = unit["master"].numel()
+        for name, numel, shape, offset, shard in unit["slots"]:
+            def whole(pieces: list[torch.Tensor]) -> torch.Tensor:
+                return torch.cat([piece[offset:offset + shard] for piece in pieces])[:numel].view(shape).clone()
+
+            states = {}
+            for key, value in unit["state"].items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == size:
+                    states[key] = whole([part["state"][key] for part in parts])
+                else:
+                    states[key] = value
+            merged["params"][name] = {"fp32": whole([part["master"].float() for part in parts]), "state": states}
     return merged
 
 

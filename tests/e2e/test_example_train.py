@@ -31,7 +31,7 @@ def _run(tmp: Path, config: str, steps: int) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("config", ["stage0_fp32.json", "stage1_fp32.json", "stage2_bf16.json"])
+@pytest.mark.parametrize("config", ["stage0_fp32.json", "stage1_fp32.json", "stage2_bf16.json", "stage3_bf16.json"])
 def test_example_trains_saves_and_resumes(tmp_path, config):
     """Catches a broken example, launcher, checkpoint or resume path (the README's main job)."""
     first = _run(tmp_path, config, 4)

@@ -1,0 +1,296 @@
+"""`shardspeed.zero.Init` and `shardspeed.zero.GatheredParameters`, as DeepSpeed users write them.
+
+    with shardspeed.zero.Init(config_dict_or_path=ds_config):
+        model = MyModel()          # each module's parameters are partitioned as soon as the
+                                   # module's __init__ returns: no rank ever holds the whole model
+    with shardspeed.zero.GatheredParameters(model.embed.weight, modifier_rank=0):
+        model.embed.weight[0] = 0  # whole here; rank 0's edit reaches every rank's shard on exit
+
+Partitioning after each module's own `__init__` keeps initialisation identical to building the
+model whole: every `reset_parameters` runs on the whole tensor, in the same order, with the same
+random numbers. Models that re-initialise their children afterwards (Hugging Face `post_init`
+calling `_init_weights(module)`) get each module's parameters gathered around that call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..accelerator import get_accelerator
+from ..comm.topology import AxisGroup, Topology
+from .param_shards import ParameterNotGatheredError, Unit, is_partitioned, not_gathered_error
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _StandaloneManager:
+    """Manages parameters partitioned by zero.Init until an engine adopts them.
+
+    Touching one is an error, except inside a `_GatherOnTouch` scope (a model's weight
+    initialisation), which gathers what is touched and keeps rank 0's values on exit.
+    """
+
+    def __init__(self) -> None:
+        self.scopes: list[_GatherOnTouch] = []
+
+    def touched(self, param: torch.nn.Parameter) -> None:
+        if not self.scopes:
+            raise not_gathered_error(param)
+        self.scopes[-1].add(param.ds_unit)
+
+    def refresh_masters(self, unit: Unit) -> None:
+        pass
+
+    def release_unit(self, unit: Unit) -> None:
+        unit.release()
+
+
+class _GatherOnTouch:
+    """Gathers every partitioned parameter touched inside it; on exit rank 0's values are kept."""
+
+    def __init__(self, manager: _StandaloneManager) -> None:
+        self.manager = manager
+        self.units: list[Unit] = []
+
+    def add(self, unit: Unit) -> None:
+        unit.gather()
+        self.units.append(unit)
+
+    def __enter__(self) -> None:
+        self.manager.scopes.append(self)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.manager.scopes.pop()
+        for unit in self.units:
+            if exc_type is None:
+                if unit.dp.size > 1:
+                    for p in unit.params:
+                        dist.broadcast(p.data, src=unit.dp.ranks[0], group=unit.dp.group)
+                unit.absorb_full()
+            unit.release()
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out, todo = [], [cls]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in out:
+                out.append(sub)
+                todo.append(sub)
+    return out
+
+
+class Init:
+    """Partition parameters as modules are constructed (ZeRO stage 3)."""
+
+    _active = 0
+
+    def __init__(self, module: torch.nn.Module | None = None, data_parallel_group: Any = None,
+                 mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
+                 config_dict_or_path: Any = None, config: Any = None, enabled: bool = True,
+                 dtype: torch.dtype | None = None, mpu: Any = None, **unsupported: Any) -> None:
+        on = {k: v for k, v in unsupported.items() if v not in (None, False)}
+        if on:
+            raise NotImplementedError(f"zero.Init({', '.join(on)}=...) is not supported yet by shardspeed")
+        if remote_device not in (None, "cpu", "none") or (remote_device == "cpu" and torch.cuda.is_available()):
+            raise NotImplementedError(f"zero.Init(remote_device={remote_device!r}) is not supported yet by shardspeed (offload arrives with ZeRO-Offload)")
+        if mpu is not None:
+            raise NotImplementedError("zero.Init(mpu=...) is not supported yet by shardspeed")
+        self.enabled = enabled
+        if not enabled:
+            return
+        from ..comm.init import init_distributed
+
+        init_distributed()
+        self.dp = self._dp_axis(data_parallel_group)
+        self.dtype = self._dtype(config_dict_or_path if config_dict_or_path is not None else config, dtype)
+        self.device = get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0")))
+        self._depth: dict[int, int] = {}
+        self.manager = _StandaloneManager()
+        self._patched: list[tuple[type, str, Any]] = []
+        if module is not None:
+            for mod in module.modules():
+                self._partition_module(mod)
+
+    @staticmethod
+    def _dp_axis(group: Any) -> AxisGroup:
+        if group is None:
+            return Topology.data_parallel().axis("data")
+        ranks = dist.get_process_group_ranks(group)
+        return AxisGroup(group, ranks, dist.get_rank(group), len(ranks))
+
+    @staticmethod
+    def _dtype(config: Any, dtype: torch.dtype | None) -> torch.dtype:
+        if config is not None:
+            from ..config.loader import read_config
+
+            raw = read_config(config)
+            for key, value in _DTYPES.items():
+                if isinstance(raw.get(key), dict) and raw[key].get("enabled") in (True, "true"):
+                    return value
+        return dtype or torch.get_default_dtype()
+
+    # ---- the context ------------------------------------------------------------------------------
+    def __enter__(self) -> "Init":
+        if not self.enabled:
+            return self
+        Init._active += 1
+        for cls in [torch.nn.Module, *_all_subclasses(torch.nn.Module)]:
+            self._patch_class(cls)
+        original_subclass_hook = torch.nn.Module.__dict__.get("__init_subclass__")
+        ctx = self
+
+        def __init_subclass__(cls: type, **kwargs: Any) -> None:  # classes defined inside the block
+            super(torch.nn.Module, cls).__init_subclass__(**kwargs)
+            ctx._patch_class(cls)
+
+        self._patched.append((torch.nn.Module, "__init_subclass__", original_subclass_hook))
+        torch.nn.Module.__init_subclass__ = classmethod(__init_subclass__)
+        self._patched.append((torch.nn.Module, "apply", torch.nn.Module.__dict__["apply"]))
+        torch.nn.Module.apply = self._wrap_apply(torch.nn.Module.__dict__["apply"], self.manager)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.enabled:
+            return
+        for cls, attr, original in reversed(self._patched):
+            if original is None:
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, original)
+        self._patched.clear()
+        Init._active -= 1
+
+    def _patch_class(self, cls: type) -> None:
+        if cls is not torch.nn.Module and "__init__" in cls.__dict__:
+            original = cls.__dict__["__init__"]
+            self._patched.append((cls, "__init__", original))
+            cls.__init__ = self._wrap_init(original)
+        if "_init_weights" in cls.__dict__ and callable(cls.__dict__["_init_weights"]):
+            original = cls.__dict__["_init_weights"]
+            self._patched.append((cls, "_init_weights", original))
+            cls._init_weights = self._wrap_init_weights(original, self.manager)
+
+    def _wrap_init(self, original: Any) -> Any:
+        ctx = self
+
+        @functools.wraps(original)
+        def __init__(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+            key = id(module)
+            ctx._depth[key] = ctx._depth.get(key, 0) + 1
+            try:
+                original(module, *args, **kwargs)
+            finally:
+                ctx._depth[key] -= 1
+                outermost = ctx._depth[key] == 0
+                if outermost:
+                    del ctx._depth[key]
+            if outermost:
+                ctx._partition_module(module)
+
+        return __init__
+
+    @staticmethod
+    def _wrap_apply(original: Any, manager: _StandaloneManager) -> Any:
+        # `model.apply(init_fn)` at the end of a constructor re-initialises children that are
+        # already partitioned: each call of init_fn gathers what it touches (DeepSpeed's
+        # `override_module_apply`).
+        @functools.wraps(original)
+        def apply(module: torch.nn.Module, fn: Any) -> torch.nn.Module:
+            if getattr(fn, "_gathers_on_touch", False):
+                return original(module, fn)
+
+            def gathering(m: torch.nn.Module) -> Any:
+                with _GatherOnTouch(manager):
+                    return fn(m)
+
+            gathering._gathers_on_touch = True
+            return original(module, gathering)
+
+        return apply
+
+    @staticmethod
+    def _wrap_init_weights(original: Any, manager: _StandaloneManager) -> Any:
+        # Hugging Face's `_init_weights(module)` may reach into the module's children (GPT-2's
+        # scaled c_proj init): gather whatever it touches, not the whole subtree.
+        @functools.wraps(original)
+        def _init_weights(self: torch.nn.Module, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            with _GatherOnTouch(manager):
+                return original(self, module, *args, **kwargs)
+
+        return _init_weights
+
+    def _partition_module(self, module: torch.nn.Module) -> None:
+        """Partition the module's own parameters that are still whole; move its buffers to the device."""
+        fresh = [(n, p) for n, p in module._parameters.items() if p is not None and not is_partitioned(p)]
+        with torch.no_grad():
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    moved = buf.to(self.device)
+                    module._buffers[name] = moved.to(self.dtype) if moved.is_floating_point() else moved
+            for name, p in fresh:
+                p.data = p.data.to(device=self.device, dtype=self.dtype if p.is_floating_point() else p.dtype)
+                if self.dp.size > 1:  # every rank starts from rank 0's values, as after initialize()
+                    dist.broadcast(p.data, src=self.dp.ranks[0], group=self.dp.group)
+                unit = Unit([p], [f"{type(module).__name__}.{name}"], self.dp, self.manager, p.dtype, self.device)
+                unit.adopt()
+
+
+class GatheredParameters:
+    """Whole parameters inside the block; with `modifier_rank`, that rank's changes are kept on exit.
+
+    Every rank of the data-parallel group must enter the block (gathering is collective). Works on
+    one parameter, any iterable of them, and on parameters that are not partitioned (a no-op).
+    """
+
+    def __init__(self, params: torch.nn.Parameter | Iterable[torch.nn.Parameter], modifier_rank: int | None = None,
+                 fwd_module: Any = None, enabled: bool = True) -> None:
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        self.params = list(params) if enabled else []
+        self.modifier_rank = modifier_rank
+        self.units: list[Unit] = []
+        for p in self.params:
+            if is_partitioned(p) and not any(p.ds_unit is u for u in self.units):
+                self.units.append(p.ds_unit)
+        self._was_gathered: list[bool] = []
+
+    def __enter__(self) -> None:
+        for unit in self.units:
+            self._was_gathered.append(unit.full is not None)
+            unit.gather()
+            unit.users += 1
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None and self.modifier_rank is not None:
+            for unit in self.units:
+                if unit.dp.size > 1:
+                    src = unit.dp.ranks[self.modifier_rank]
+                    for p in unit.params:
+                        dist.broadcast(p.data, src=src, group=unit.dp.group)
+                unit.absorb_full()
+                unit.manager.refresh_masters(unit)
+        for unit, was in zip(self.units, self._was_gathered):
+            unit.users -= 1
+            if not was and unit.users == 0:
+                unit.manager.release_unit(unit)
+
+
+def register_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:
+    """DeepSpeed's way to say `module` uses `parameter` of another module in its forward.
+
+    shardspeed notices such uses by itself (the first forward that touches the parameter adds it
+    to the module), so this only has to exist for code written for DeepSpeed.
+    """
+
+
+def unregister_external_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> None:
+    """Counterpart of `register_external_parameter`; nothing to undo."""
+
+
+__all__ = ["GatheredParameters", "Init", "ParameterNotGatheredError", "register_external_parameter", "unregister_external_parameter"]

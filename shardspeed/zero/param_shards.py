@@ -1,0 +1,274 @@
+"""ZeRO-3 parameter storage: each rank keeps 1/N of every parameter, gathered on demand.
+
+Every parameter is flattened, padded to a multiple of N*ALIGN elements and cut in N equal
+shards; rank r keeps shard r. Parameters are grouped into *units* (the parameters one module
+needs, split by optimizer group): a unit's shards on this rank lie end to end in one buffer,
+`unit.partition`, which is what the optimizer steps (its fp32 copy, for 16-bit training).
+
+Gathering a unit fills a buffer holding every parameter of the unit whole, one after another,
+and points each parameter's `.data` at its piece. Releasing points `.data` back at an empty
+tensor and switches the parameter's class to `ReleasedParameter`, whose only job is to catch
+code that touches a parameter while it is not gathered. Because autograd keeps the Parameter
+object (not its storage) for leaf tensors it saved, swapping `.data` back in before the
+module's backward is enough for backward to see the weights.
+
+A fresh buffer is allocated for every gather and never reused, so a view that some op saved
+for backward (`weight.t()`) keeps reading the values it was computed from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from ..comm.topology import AxisGroup
+from .layout import ALIGN
+
+
+class ParameterNotGatheredError(RuntimeError):
+    pass
+
+
+# With one rank, gathers and reductions are plain copies. The GPU check (benchmarks/gpu_zero3.py)
+# turns this on to run the NCCL collectives' code path on a single GPU.
+COLLECTIVES_AT_WORLD_1 = False
+
+
+def needs_collective(dp: AxisGroup) -> bool:
+    return dp.size > 1 or COLLECTIVES_AT_WORLD_1
+
+
+def shard_numel(numel: int, world: int) -> int:
+    """Elements per rank for a parameter of `numel` elements (a multiple of ALIGN, at least ALIGN)."""
+    unit = ALIGN * world
+    return max(unit, -(-numel // unit) * unit) // world
+
+
+class Manager(Protocol):
+    """Who decides what happens when code touches a released parameter."""
+
+    def touched(self, param: torch.nn.Parameter) -> None:
+        """Gather `param` now (inside a managed forward/backward) or raise ParameterNotGatheredError."""
+
+    def refresh_masters(self, unit: "Unit") -> None:
+        """The unit's shards were rewritten from whole values: update anything derived from them."""
+
+    def release_unit(self, unit: "Unit") -> None:
+        """Release the unit's gathered weights (and forget it as live)."""
+
+
+# Calls on a released parameter that only read or set metadata, never its values.
+_METADATA_METHODS = frozenset({
+    "numel", "dim", "size", "element_size", "is_floating_point", "is_complex", "register_hook",
+    "register_post_accumulate_grad_hook", "requires_grad_", "__repr__", "__format__", "data_ptr",
+    "is_contiguous", "stride", "get_device", "__reduce_ex__", "__setstate__", "_is_view", "untyped_storage",
+    "__deepcopy__", "nelement", "ndimension", "type", "is_shared", "share_memory_", "__hash__", "__eq__", "__len__",
+})
+
+
+class ReleasedParameter(torch.nn.Parameter):
+    """The class a ZeRO-3 parameter has while its full data is not on this rank."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name not in ("__get__", "__set__", "__delete__") and name not in _METADATA_METHODS:
+            for arg in _tensor_args(args, kwargs):
+                if type(arg) is ReleasedParameter:
+                    arg.ds_unit.manager.touched(arg)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+
+def _tensor_args(args: tuple, kwargs: dict) -> list[Any]:
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+def not_gathered_error(param: torch.nn.Parameter) -> ParameterNotGatheredError:
+    return ParameterNotGatheredError(
+        f"parameter `{param.ds_slot.name}` (shape {tuple(param.ds_shape)}) is partitioned by ZeRO stage 3 and is not "
+        "gathered here; wrap the code that reads or changes it in `with shardspeed.zero.GatheredParameters(params"
+        "[, modifier_rank=0]):` (and pass modifier_rank if you change it)"
+    )
+
+
+@dataclass
+class ShardSlot:
+    """Where one parameter lives in its unit: its shard in `partition`, its whole in the gathered buffer."""
+
+    name: str
+    numel: int
+    shape: torch.Size
+    offset: int  # start of this rank's shard in unit.partition
+    shard: int  # elements per rank (padded)
+    full_offset: int  # start of the whole (padded) parameter in the gathered buffer
+    cls: type  # the parameter's class when gathered (nn.Parameter or a user subclass)
+
+
+class Unit:
+    """The parameters gathered and released together, and this rank's shards of them."""
+
+    def __init__(self, params: list[torch.nn.Parameter], names: list[str], dp: AxisGroup, manager: Manager,
+                 dtype: torch.dtype, device: torch.device, persistent: bool = False) -> None:
+        self.params = params
+        self.dp = dp
+        self.manager = manager
+        self.persistent = persistent
+        self.slots: list[ShardSlot] = []
+        offset = full = 0
+        for p, name in zip(params, names):
+            shape = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+            numel = shape.numel()
+            shard = shard_numel(numel, dp.size)
+            cls = p.ds_slot.cls if hasattr(p, "ds_slot") else type(p)
+            self.slots.append(ShardSlot(name, numel, shape, offset, shard, full, cls))
+            offset += shard
+            full += shard * dp.size
+        self.partition_size = offset
+        self.full_numel = full
+        self.numel = sum(s.numel for s in self.slots)
+        self.partition = torch.zeros(offset, dtype=dtype, device=device)
+        self.full: torch.Tensor | None = None
+        self._work: Any = None
+        self._landing: torch.Tensor | None = None  # where an NCCL all-gather lands before copy-out
+        self.users = 0  # modules (or GatheredParameters blocks) using the gathered weights right now
+        self.kept_by_context = False
+
+    # ---- building ------------------------------------------------------------------------------
+    def adopt(self) -> None:
+        """Take this rank's shard of every parameter from wherever it is now, then release it.
+
+        A parameter is either whole (`.data` holds it) or already partitioned in another unit
+        (zero.Init built it): then its shard is copied over without any communication.
+        """
+        with torch.no_grad():
+            for p, slot in zip(self.params, self.slots):
+                mine = self.partition[slot.offset:slot.offset + slot.shard]
+                if hasattr(p, "ds_unit"):
+                    mine.copy_(p.ds_tensor)
+                else:
+                    mine.copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
+                self._attach(p, slot)
+        self.release(force=True)
+
+    def _attach(self, p: torch.nn.Parameter, slot: ShardSlot) -> None:
+        p.ds_unit = self
+        p.ds_slot = slot
+        p.ds_shape = slot.shape
+        p.ds_numel = slot.numel
+        p.ds_tensor = self.partition[slot.offset:slot.offset + slot.shard]
+
+    # ---- gather / release ----------------------------------------------------------------------
+    @property
+    def gathered(self) -> bool:
+        return self.full is not None and self._work is None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._work is not None
+
+    def start_gather(self) -> None:
+        """Launch the collective that brings every rank's shards here (returns at once)."""
+        if self.full is not None:
+            return
+        world, rank = self.dp.size, self.dp.rank
+        if not needs_collective(self.dp):
+            self.full = self.partition.clone()
+            self._install()
+            return
+        if dist.get_backend(self.dp.group) == "gloo":
+            # gloo's all-gather is slower than its all-reduce (see comm.collectives): zeros
+            # everywhere but our shards, summed, is the gathered buffer, exactly.
+            full = torch.zeros(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
+            for slot in self.slots:
+                start = slot.full_offset + rank * slot.shard
+                full[start:start + slot.shard].copy_(self.partition[slot.offset:slot.offset + slot.shard])
+            self.full = full
+            self._work = dist.all_reduce(full, group=self.dp.group, async_op=True)
+        else:
+            self._landing = torch.empty(world * self.partition_size, dtype=self.partition.dtype, device=self.partition.device)
+            self.full = torch.empty(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
+            self._work = dist.all_gather_into_tensor(self._landing, self.partition, group=self.dp.group, async_op=True)
+
+    def finish_gather(self) -> None:
+        """Wait for the gather and point every parameter at its whole tensor."""
+        if self.full is None:
+            self.start_gather()
+        if self._work is None:
+            return
+        self._work.wait()
+        self._work = None
+        if self._landing is not None:
+            world = self.dp.size
+            blocks = self._landing.view(world, self.partition_size)
+            for slot in self.slots:
+                whole = self.full[slot.full_offset:slot.full_offset + slot.shard * world].view(world, slot.shard)
+                whole.copy_(blocks[:, slot.offset:slot.offset + slot.shard])
+            self._landing = None
+        self._install()
+
+    def gather(self) -> None:
+        self.start_gather()
+        self.finish_gather()
+
+    def _install(self) -> None:
+        for p, slot in zip(self.params, self.slots):
+            p.__class__ = slot.cls
+            p.data = self.full[slot.full_offset:slot.full_offset + slot.numel].view(slot.shape)
+
+    def release(self, force: bool = False) -> None:
+        """Drop the gathered weights (persistent units keep theirs unless forced)."""
+        if self.persistent and not force:
+            return
+        if self._work is not None:
+            self.finish_gather()
+        empty = torch.empty(0, dtype=self.partition.dtype, device=self.partition.device)
+        for p in self.params:
+            p.data = empty
+            p.__class__ = ReleasedParameter
+        self.full = None
+
+    # ---- writing whole values back into shards ---------------------------------------------------
+    def absorb_full(self) -> None:
+        """After the gathered weights changed on every rank alike, copy our shards of them back."""
+        with torch.no_grad():
+            for p, slot in zip(self.params, self.slots):
+                self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
+
+    def load_whole(self, slot_index: int, value: torch.Tensor) -> None:
+        """Set one parameter from its whole value (same on every rank): our shard, and the gathered copy."""
+        slot = self.slots[slot_index]
+        with torch.no_grad():
+            flat = value.detach().reshape(-1).to(self.partition.dtype)
+            if flat.numel() != slot.numel:
+                raise ValueError(f"`{slot.name}`: expected {slot.numel} elements ({tuple(slot.shape)}), got {flat.numel()}")
+            self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(flat, slot.shard, self.dp.rank))
+            if self.gathered:
+                self.params[slot_index].data.copy_(flat.view(slot.shape))
+
+    def bytes_gathered(self) -> int:
+        return 0 if self.full is None else self.full.numel() * self.full.element_size()
+
+
+def shard_of(flat: torch.Tensor, shard: int, rank: int) -> torch.Tensor:
+    """Rank's shard of a flat tensor padded with zeros to shard * world elements."""
+    start = rank * shard
+    piece = flat[start:start + shard]
+    if piece.numel() == shard:
+        return piece
+    out = torch.zeros(shard, dtype=flat.dtype, device=flat.device)
+    out[:piece.numel()] = piece
+    return out
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_unit")

@@ -1,0 +1,544 @@
+"""ZeRO stage 3: parameters, gradients and optimizer states all partitioned across ranks.
+
+Each rank keeps 1/N of every parameter (`param_shards`). Forward hooks gather the units a module
+needs just before it runs and release them after, unless the recorded schedule says they are
+used again soon (`stage3_max_reuse_distance`) and the live cap allows it. Outputs are wrapped so
+that, in backward, the module's units are gathered again before its gradients are computed.
+When every gradient of a unit has arrived it is reduce-scattered (gloo: all-reduced) into the
+owners' gradient partitions, and the unit is released. While a module runs, the next units in
+the schedule are gathered asynchronously, up to `stage3_prefetch_bucket_size` elements, never
+exceeding `stage3_max_live_parameters` gathered elements (a module's own units always are).
+Parameters smaller than `stage3_param_persistence_threshold` stay gathered (persistent units).
+
+The optimizer steps each unit's flat partition (fp32 master copy for 16-bit training), exactly
+as at stages 1-2, so any elementwise torch optimizer works unchanged.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..comm.topology import AxisGroup
+from ..runtime.loss_scaler import LossScaler
+from .base import StepResult, scaled_backward, step_partitions, tensor_bytes
+from .fetch_schedule import FetchSchedule
+from .param_shards import ParameterNotGatheredError, Unit, is_partitioned, needs_collective, not_gathered_error, shard_of
+from .universal import restore_hyperparams, shard_header, snapshot_state
+
+FROZEN = "frozen"  # unit group key of parameters that never get gradients
+
+
+class _PreBackward(torch.autograd.Function):
+    """Identity on a module's outputs whose backward gathers the module's units first."""
+
+    @staticmethod
+    def forward(ctx: Any, strategy: "Stage3Optimizer", module: torch.nn.Module, *tensors: torch.Tensor) -> Any:
+        ctx.strategy, ctx.module = strategy, module
+        return tuple(t.detach() for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        ctx.strategy._pre_backward(ctx.module)
+        return (None, None, *grads)
+
+
+class Stage3Optimizer:
+    """The stage-3 `ZeroStrategy`; also the manager that parameter units ask when touched."""
+
+    replicated = False
+    partitions_parameters = True
+    MAX_REDUCE_IN_FLIGHT = 2
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dp: AxisGroup,
+        loss_scaler: LossScaler,
+        *,
+        prefetch_bucket_size: int,
+        param_persistence_threshold: int,
+        model_persistence_threshold: int,
+        max_live_parameters: int,
+        max_reuse_distance: int,
+        check_overflow: bool,
+        comm_dtype: torch.dtype | None = None,
+        predivide: float | None = None,
+    ) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.dp = dp
+        self.loss_scaler = loss_scaler
+        self.check_overflow = check_overflow
+        self.prefetch_elements = prefetch_bucket_size
+        self.max_live = max_live_parameters
+        self.max_reuse = max_reuse_distance
+        self.comm_dtype = comm_dtype
+        self.predivide = float(dp.size if predivide is None else predivide)
+        self.schedule = FetchSchedule()
+        self._live: dict[Unit, None] = {}  # gathered (or being gathered) non-persistent units, in order
+        self.live_peak_bytes = 0
+        self.reduce_peak_bytes = 0
+        self._stack: list[torch.nn.Module] = []
+        self._in_backward = False
+        self._in_forward_pass = False
+        self._reduces: deque[tuple[Unit, torch.Tensor, torch.Tensor, Any]] = deque()
+        self._build_units(param_persistence_threshold, model_persistence_threshold)
+        self._build_optimizer_groups()
+        self._handles = self._install_hooks()
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _build_units(self, persistence_threshold: int, model_persistence_threshold: int) -> None:
+        group_of: dict[torch.nn.Parameter, int] = {}
+        for g, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                group_of[p] = g
+        names = {p: n for n, p in self.module.named_parameters()}
+        for p in group_of:
+            if p not in names:
+                raise ValueError("the optimizer holds a parameter that is not in the model; ZeRO-3 can only partition the model's parameters")
+        for p, name in names.items():
+            if p.requires_grad and p not in group_of:
+                raise ValueError(f"parameter `{name}` requires grad but is in no optimizer param group; ZeRO-3 partitions every "
+                                 "parameter, so freeze it (requires_grad_(False)) or give it to the optimizer")
+
+        def key(p: torch.nn.Parameter) -> Any:
+            return group_of[p] if p.requires_grad else FROZEN
+
+        persistent_budget = model_persistence_threshold
+        assigned: dict[torch.nn.Parameter, Unit] = {}
+        self.units: list[Unit] = []
+        persistent: dict[Any, list[torch.nn.Parameter]] = {}
+        # Units follow module registration order; a parameter belongs to the first module holding it.
+        per_module: list[tuple[torch.nn.Module, dict[Any, list[torch.nn.Parameter]]]] = []
+        seen: set[torch.nn.Parameter] = set()
+        for mod in self.module.modules():
+            buckets: dict[Any, list[torch.nn.Parameter]] = {}
+            for p in mod._parameters.values():
+                if p is None or p in seen:
+                    continue
+                seen.add(p)
+                numel = p.ds_numel if is_partitioned(p) else p.numel()
+                if numel < persistence_threshold and numel <= persistent_budget:
+                    persistent_budget -= numel
+                    persistent.setdefault(key(p), []).append(p)
+                else:
+                    buckets.setdefault(key(p), []).append(p)
+            per_module.append((mod, buckets))
+        for group_key, params in persistent.items():
+            self.units.append(self._make_unit(params, names, group_key, persistent=True))
+        for _, buckets in per_module:
+            for group_key, params in buckets.items():
+                self.units.append(self._make_unit(params, names, group_key, persistent=False))
+        for unit in self.units:
+            for p in unit.params:
+                assigned[p] = unit
+        # What each module needs gathered while it runs: the units of its direct parameters.
+        self.module_units: dict[torch.nn.Module, list[Unit]] = {}
+        for mod in self.module.modules():
+            needed: list[Unit] = []
+            for p in mod._parameters.values():
+                if p is not None and not assigned[p].persistent and assigned[p] not in needed:
+                    needed.append(assigned[p])
+            self.module_units[mod] = needed
+        for unit in self.units:
+            unit.adopt()
+            if unit.persistent:
+                unit.gather()
+
+    def _make_unit(self, params: list[torch.nn.Parameter], names: dict, group_key: Any, persistent: bool) -> Unit:
+        dtype = params[0].dtype
+        for p in params:
+            if p.dtype != dtype:
+                raise ValueError(f"parameter `{names[p]}` is {p.dtype} but others in its group are {dtype}; ZeRO needs one dtype per group")
+        device = params[0].ds_tensor.device if is_partitioned(params[0]) else params[0].device
+        unit = Unit(params, [names[p] for p in params], self.dp, self, dtype, device, persistent=persistent)
+        unit.group_key = group_key
+        unit.master = None
+        unit.grad_partition = None
+        unit.pending = 0
+        unit.reduced = False
+        return unit
+
+    def _build_optimizer_groups(self) -> None:
+        self.trainable = [u for u in self.units if u.group_key != FROZEN]
+        for unit in self.trainable:
+            part = unit.partition
+            unit.master = torch.nn.Parameter(part if part.dtype == torch.float32 else part.float())
+            unit.grad_partition = torch.zeros_like(part)
+        for g, group in enumerate(self.optimizer.param_groups):
+            group["params"] = [u.master for u in self.trainable if u.group_key == g]
+
+    def _install_hooks(self) -> list[Any]:
+        handles = []
+        for mod in self.module.modules():
+            handles.append(mod.register_forward_pre_hook(self._pre_forward))
+            handles.append(mod.register_forward_hook(self._post_forward, always_call=True))  # pops the stack even when forward raises
+        for unit in self.trainable:
+            for p in unit.params:
+                handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        return handles
+
+    # ---- forward --------------------------------------------------------------------------------
+    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if not self._stack and not self._in_backward:
+            if self._in_forward_pass:
+                self._end_step()  # a second forward with no backward in between starts a new step
+            self._begin_forward()
+        self._stack.append(module)
+        units = self.module_units[module]
+        if not units:
+            return
+        self.schedule.event("F", module, units)
+        for unit in units:
+            self._fetch(unit)
+            unit.users += 1
+        self._prefetch()
+
+    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        self._stack.pop()
+        units = self.module_units[module]
+        for unit in units:
+            unit.users -= 1
+            if unit.users == 0:
+                self._after_forward_use(unit)
+        if units and torch.is_grad_enabled():
+            output = _wrap_outputs(output, self, module)
+        if not self._stack and not self._in_backward:
+            self._end_forward()
+        return output
+
+    def _begin_forward(self) -> None:
+        if not self._in_forward_pass:
+            self._in_forward_pass = True
+            self.schedule.begin_step()
+
+    def _end_forward(self) -> None:
+        if not torch.is_grad_enabled():
+            self._end_step()  # no backward will follow (evaluation)
+
+    def _after_forward_use(self, unit: Unit) -> None:
+        if unit.persistent or unit.kept_by_context:
+            return
+        if self.schedule.reuse_distance(unit) <= self.max_reuse and self._live_numel() <= self.max_live:
+            return  # used again soon: keep it
+        self.release_unit(unit)
+
+    # ---- backward -------------------------------------------------------------------------------
+    def _begin_backward(self) -> None:
+        if self._in_backward:
+            return
+        self._in_backward = True
+        if not self._in_forward_pass:
+            self._begin_forward()
+        for unit in self.trainable:
+            unit.pending = sum(1 for p in unit.params if p.requires_grad)
+            unit.reduced = False
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _pre_backward(self, module: torch.nn.Module) -> None:
+        self._begin_backward()
+        units = self.module_units[module]
+        self.schedule.event("B", module, units)
+        for unit in units:
+            self._fetch(unit)
+        self._prefetch()
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        self._begin_backward()
+        unit = param.ds_unit
+        unit.pending -= 1
+        if unit.pending == 0:
+            self._reduce(unit)
+
+    def _reduce(self, unit: Unit) -> None:
+        """Send the unit's gradients to their owners (asynchronously) and drop the whole gradients."""
+        unit.reduced = True
+        world = self.dp.size
+        dtype = self.comm_dtype or unit.partition.dtype
+        send = torch.zeros(world * unit.partition_size, dtype=dtype, device=unit.partition.device)
+        blocks = send.view(world, unit.partition_size)
+        for p, slot in zip(unit.params, unit.slots):
+            if p.grad is None:
+                continue
+            grad = p.grad.reshape(-1)
+            padded = slot.shard * world
+            if grad.numel() != padded:
+                grad = torch.nn.functional.pad(grad, (0, padded - grad.numel()))
+            blocks[:, slot.offset:slot.offset + slot.shard].copy_(grad.view(world, slot.shard))
+            p.grad = None
+        if self.predivide != 1.0:
+            send.div_(self.predivide)
+        if not needs_collective(self.dp):
+            recv, work = send, None
+        elif dist.get_backend(self.dp.group) == "gloo":
+            recv, work = send, dist.all_reduce(send, group=self.dp.group, async_op=True)
+        else:
+            recv = torch.empty(unit.partition_size, dtype=dtype, device=send.device)
+            work = dist.reduce_scatter_tensor(recv, send, group=self.dp.group, async_op=True)
+        self._reduces.append((unit, send, recv, work))
+        self.reduce_peak_bytes = max(self.reduce_peak_bytes, sum(s.numel() * s.element_size() for _, s, _, _ in self._reduces))
+        if not unit.persistent and unit.users == 0 and not unit.kept_by_context:
+            self.release_unit(unit)
+        while len(self._reduces) > self.MAX_REDUCE_IN_FLIGHT:
+            self._finish_reduce()
+
+    def _finish_reduce(self) -> None:
+        unit, send, recv, work = self._reduces.popleft()
+        if work is not None:
+            work.wait()
+        mine = recv if recv.numel() == unit.partition_size else recv.view(self.dp.size, unit.partition_size)[self.dp.rank]
+        post = self.dp.size / self.predivide
+        if post != 1.0:
+            mine = mine / post
+        unit.grad_partition.add_(mine.to(unit.grad_partition.dtype))
+
+    def _end_backward(self) -> None:
+        for unit in self.trainable:  # gradients that never came (unused parameters) reduce as zeros
+            if not unit.reduced:
+                self._reduce(unit)
+        while self._reduces:
+            self._finish_reduce()
+        self._end_step()
+
+    def _end_step(self) -> None:
+        for unit in list(self._live):
+            if unit.users == 0 and not unit.kept_by_context:
+                self.release_unit(unit)
+        self.schedule.end_step()
+        self._in_backward = False
+        self._in_forward_pass = False
+
+    # ---- gathering ------------------------------------------------------------------------------
+    def _fetch(self, unit: Unit) -> None:
+        if unit.persistent:
+            return
+        if not unit.gathered:
+            self._live[unit] = None
+            unit.finish_gather()
+            self._note_live()
+
+    def _prefetch(self) -> None:
+        if self.prefetch_elements <= 0 or not self.schedule.valid:
+            return
+        budget = self.prefetch_elements
+        live = self._live_numel()
+        for unit in self.schedule.upcoming():
+            if unit.persistent or unit.full is not None:
+                continue
+            if unit.full_numel > budget or live + unit.full_numel > self.max_live:
+                break
+            unit.start_gather()
+            self._live[unit] = None
+            budget -= unit.full_numel
+            live += unit.full_numel
+        self._note_live()
+
+    def release_unit(self, unit: Unit) -> None:
+        unit.release()
+        self._live.pop(unit, None)
+
+    def _live_numel(self) -> int:
+        return sum(u.full_numel for u in self._live)
+
+    def _note_live(self) -> None:
+        self.live_peak_bytes = max(self.live_peak_bytes, sum(u.bytes_gathered() for u in self._live))
+
+    def touched(self, param: torch.nn.Parameter) -> None:
+        """A released parameter was used: inside a module's forward it becomes one of that module's
+        (external) parameters and is gathered; anywhere else it is an error."""
+        if not self._stack:
+            raise not_gathered_error(param)
+        module = self._stack[-1]
+        unit = param.ds_unit
+        if unit not in self.module_units[module]:
+            self.module_units[module].append(unit)
+            unit.users += 1  # released with the module's other units in _post_forward
+            self.schedule.valid = False  # the module's event changed; re-record this step
+        self._fetch(unit)
+
+    # ---- ZeroStrategy ---------------------------------------------------------------------------
+    def prepare_backward(self, boundary: bool) -> None:
+        pass  # gradients are reduced every micro step, as at stage 2
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
+
+    def step(self, max_norm: float) -> StepResult:
+        result = step_partitions(self.optimizer, [u.master for u in self.trainable], [u.grad_partition for u in self.trainable],
+                                 self.loss_scaler, self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
+        if not result.applied:
+            return result
+        with torch.no_grad():
+            for unit in self.trainable:
+                if unit.partition.dtype != torch.float32:
+                    unit.partition.copy_(unit.master)
+        self._refresh_gathered()
+        return result
+
+    def _refresh_gathered(self) -> None:
+        """Units that stay gathered across the step (persistent ones) take the updated shards."""
+        for unit in self.units:
+            if unit.full is not None and unit.master is not None:
+                unit.release(force=True)
+                unit.gather()
+
+    def zero_grad(self) -> None:
+        for unit in self.trainable:
+            unit.grad_partition.zero_()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def memory_breakdown(self) -> dict[str, int]:
+        persistent = [u.full for u in self.units if u.persistent and u.full is not None]
+        return {
+            "parameters": tensor_bytes([u.partition for u in self.units]),
+            "persistent_parameters": tensor_bytes(persistent),
+            "gathered_parameters_peak": self.live_peak_bytes,
+            "gradients": tensor_bytes([u.grad_partition for u in self.trainable]),
+            "gradient_buckets_peak": self.reduce_peak_bytes,
+            "master_weights": tensor_bytes([u.master for u in self.trainable if u.partition.dtype != torch.float32]),
+            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
+        }
+
+    # ---- whole weights: GatheredParameters, state dicts ------------------------------------------
+    def refresh_masters(self, unit: Unit) -> None:
+        """The unit's shards were rewritten (load, GatheredParameters with a modifier): masters follow."""
+        if unit.master is not None and unit.partition.dtype != torch.float32:
+            with torch.no_grad():
+                unit.master.copy_(unit.partition)
+
+    def consolidated_state_dict(self, exclude_frozen: bool = False, on_all_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """The module's full state dict, gathered unit by unit; every rank must call it.
+
+        Only rank 0 of the data-parallel group receives it unless `on_all_ranks`.
+        """
+        keep = on_all_ranks or self.dp.rank == 0
+        whole: dict[int, torch.Tensor] = {}
+        for unit in self.units:
+            was_gathered = unit.full is not None
+            unit.gather()
+            if keep:
+                for p in unit.params:
+                    whole[id(p)] = p.data.detach().clone().cpu()
+            if not was_gathered:
+                unit.release()
+        if not keep:
+            return {}
+        frozen = {id(p) for p in self.module.parameters() if not p.requires_grad} if exclude_frozen else set()
+        out = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) in frozen:
+                continue
+            out[name] = whole[id(tensor)] if id(tensor) in whole else tensor.detach().clone().cpu()
+        return out
+
+    def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        own = self.module.state_dict(keep_vars=True)
+        if strict:
+            missing = [k for k in own if k not in state]
+            unexpected = [k for k in state if k not in own]
+            if missing or unexpected:
+                raise RuntimeError(f"error loading the module state dict: missing keys {missing}, unexpected keys {unexpected}")
+        touched: set[Unit] = set()
+        with torch.no_grad():
+            for name, tensor in own.items():
+                if name not in state:
+                    continue
+                if is_partitioned(tensor):
+                    unit = tensor.ds_unit
+                    unit.load_whole(next(i for i, q in enumerate(unit.params) if q is tensor), state[name])
+                    touched.add(unit)
+                else:
+                    tensor.copy_(state[name])
+        for unit in touched:
+            self.refresh_masters(unit)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        units = []
+        for unit in self.trainable:
+            units.append({
+                "slots": [(s.name, s.numel, tuple(s.shape), s.offset, s.shard) for s in unit.slots],
+                "master": unit.master.detach().clone(),
+                "state": snapshot_state(self.optimizer.state.get(unit.master, {})),
+            })
+        return {**shard_header(self.optimizer, self.loss_scaler, "param_shards"),
+                "rank": self.dp.rank, "world": self.dp.size, "units": units}
+
+    def sync_masters_from_model(self) -> None:
+        for unit in self.trainable:
+            self.refresh_masters(unit)
+
+    def load_universal(self, universal: dict[str, Any]) -> None:
+        params = universal["params"]
+        rank = self.dp.rank
+        with torch.no_grad():
+            for unit in self.trainable:
+                master_parts, states = [], {}
+                for slot in unit.slots:
+                    entry = params[slot.name]
+                    master_parts.append(shard_of(entry["fp32"].reshape(-1).float(), slot.shard, rank))
+                    for key, value in entry["state"].items():
+                        if torch.is_tensor(value) and value.dim() > 0 and value.numel() == slot.numel:
+                            states.setdefault(key, []).append(shard_of(value.reshape(-1), slot.shard, rank))
+                        else:
+                            states[key] = value
+                master = torch.cat(master_parts)
+                unit.master.copy_(master)
+                if unit.partition.dtype != torch.float32:
+                    unit.partition.copy_(master)
+                loaded = {k: (torch.cat(v).to(unit.master.device) if isinstance(v, list) else
+                              (v.clone() if torch.is_tensor(v) else v)) for k, v in states.items()}
+                if loaded:
+                    self.optimizer.state[unit.master] = loaded
+        restore_hyperparams(self.optimizer, universal.get("hyperparams"))
+        if universal.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(universal["loss_scaler"])
+        self._refresh_gathered()
+
+
+def _wrap_outputs(output: Any, strategy: Stage3Optimizer, module: torch.nn.Module) -> Any:
+    """`output` with every tensor that requires grad passed through one _PreBackward."""
+    found: list[torch.Tensor] = []
+    _collect(output, found)
+    if not found:
+        return output
+    wrapped = iter(_PreBackward.apply(strategy, module, *found))
+    return _replace(output, wrapped)
+
+
+def _collect(obj: Any, found: list[torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        if obj.requires_grad:
+            found.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            _collect(item, found)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _collect(item, found)
+
+
+def _replace(obj: Any, wrapped: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return next(wrapped) if obj.requires_grad else obj
+    if isinstance(obj, tuple):
+        items = [_replace(item, wrapped) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [_replace(item, wrapped) for item in obj]
+    if isinstance(obj, dict):
+        for key in list(obj.keys()):
+            obj[key] = _replace(obj[key], wrapped)  # in place: keeps ModelOutput and friends intact
+        return obj
+    return obj
+
+
+__all__ = ["ParameterNotGatheredError", "Stage3Optimizer"]
