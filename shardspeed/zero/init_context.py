@@ -140,6 +140,11 @@ class Init:
         if not self.enabled:
             return self
         Init._active += 1
+        # Tensors are created where they will live, so every initialiser draws from that device's
+        # generator: the same numbers as building the model whole there.
+        self._device_mode = torch.device(self.device) if self.device.type != "cpu" else None
+        if self._device_mode is not None:
+            self._device_mode.__enter__()
         for cls in [torch.nn.Module, *_all_subclasses(torch.nn.Module)]:
             self._patch_class(cls)
         original_subclass_hook = torch.nn.Module.__dict__.get("__init_subclass__")
@@ -164,6 +169,8 @@ class Init:
             else:
                 setattr(cls, attr, original)
         self._patched.clear()
+        if self._device_mode is not None:
+            self._device_mode.__exit__(*exc)
         Init._active -= 1
 
     def _patch_class(self, cls: type) -> None:

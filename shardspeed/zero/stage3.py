@@ -80,6 +80,8 @@ class Stage3Optimizer:
         self.predivide = float(dp.size if predivide is None else predivide)
         self.schedule = FetchSchedule()
         self._live: dict[Unit, None] = {}  # gathered (or being gathered) non-persistent units, in order
+        self._live_elements = 0
+        self._live_bytes = 0
         self.live_peak_bytes = 0
         self.reduce_peak_bytes = 0
         self._stack: list[torch.nn.Module] = []
@@ -259,10 +261,12 @@ class Stage3Optimizer:
         unit.reduced = True
         world = self.dp.size
         dtype = self.comm_dtype or unit.partition.dtype
-        send = torch.zeros(world * unit.partition_size, dtype=dtype, device=unit.partition.device)
+        # Shards tile each rank's block exactly, so every element is written below: no memset.
+        send = torch.empty(world * unit.partition_size, dtype=dtype, device=unit.partition.device)
         blocks = send.view(world, unit.partition_size)
         for p, slot in zip(unit.params, unit.slots):
             if p.grad is None:
+                blocks[:, slot.offset:slot.offset + slot.shard].zero_()
                 continue
             grad = p.grad.reshape(-1)
             padded = slot.shard * world
@@ -317,35 +321,46 @@ class Stage3Optimizer:
         if unit.persistent:
             return
         if not unit.gathered:
-            self._live[unit] = None
+            self._add_live(unit)
             unit.finish_gather()
             self._note_live()
 
     def _prefetch(self) -> None:
         if self.prefetch_elements <= 0 or not self.schedule.valid:
             return
-        budget = self.prefetch_elements
         live = self._live_numel()
-        for unit in self.schedule.upcoming():
-            if unit.persistent or unit.full is not None:
-                continue
-            if unit.full_numel > budget or live + unit.full_numel > self.max_live:
-                break
-            unit.start_gather()
-            self._live[unit] = None
-            budget -= unit.full_numel
-            live += unit.full_numel
+        for position, units in self.schedule.prefetch_window(self.prefetch_elements):
+            for unit in units:
+                if unit.persistent or unit.full is not None:
+                    continue
+                if live + unit.full_numel > self.max_live:
+                    self._note_live()
+                    return  # this event waits until something is released
+                unit.start_gather()
+                self._add_live(unit)
+                live += unit.full_numel
+            self.schedule.prefetched_through(position)
         self._note_live()
 
     def release_unit(self, unit: Unit) -> None:
         unit.release()
-        self._live.pop(unit, None)
+        if unit in self._live:
+            del self._live[unit]
+            self._live_elements -= unit.full_numel
+            self._live_bytes -= unit.full_numel * unit.partition.element_size()
+        self.schedule.released(unit)
+
+    def _add_live(self, unit: Unit) -> None:
+        if unit not in self._live:
+            self._live[unit] = None
+            self._live_elements += unit.full_numel
+            self._live_bytes += unit.full_numel * unit.partition.element_size()
 
     def _live_numel(self) -> int:
-        return sum(u.full_numel for u in self._live)
+        return self._live_elements
 
     def _note_live(self) -> None:
-        self.live_peak_bytes = max(self.live_peak_bytes, sum(u.bytes_gathered() for u in self._live))
+        self.live_peak_bytes = max(self.live_peak_bytes, self._live_bytes)
 
     def touched(self, param: torch.nn.Parameter) -> None:
         """A released parameter was used: inside a module's forward it becomes one of that module's
