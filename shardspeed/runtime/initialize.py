@@ -122,7 +122,6 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
         "zero_optimization.zero_quantized_weights": cfg.zero_optimization.zero_quantized_weights,
         "zero_optimization.zero_quantized_gradients": cfg.zero_optimization.zero_quantized_gradients,
         "zero_optimization.zero_hpz_partition_size": cfg.zero_optimization.zero_hpz_partition_size > 1,
-        "zero_optimization.stage3_module_granularity_threshold": cfg.zero_optimization.module_granularity_threshold > 0,
     }
     for key, on in pending.items():
         if on:

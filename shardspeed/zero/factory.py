@@ -45,6 +45,7 @@ def build_zero_strategy(
             model_persistence_threshold=zero.model_persistence_threshold,
             max_live_parameters=zero.max_live_parameters, max_reuse_distance=zero.max_reuse_distance,
             check_overflow=check_overflow, comm_dtype=comm_dtype, predivide=predivide,
+            leaf_modules=zero.leaf_module, module_granularity_threshold=zero.module_granularity_threshold,
         )
     if zero.stage in (1, 2):
         _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)

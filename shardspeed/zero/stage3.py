@@ -65,6 +65,8 @@ class Stage3Optimizer:
         max_live_parameters: int,
         max_reuse_distance: int,
         check_overflow: bool,
+        leaf_modules: dict[str, Any] | None = None,
+        module_granularity_threshold: int = 0,
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
     ) -> None:
@@ -88,6 +90,7 @@ class Stage3Optimizer:
         self._in_backward = False
         self._in_forward_pass = False
         self._reduces: deque[tuple[Unit, torch.Tensor, torch.Tensor, Any]] = deque()
+        self._leaves = _leaf_modules(module, leaf_modules or {}, module_granularity_threshold)
         self._build_units(param_persistence_threshold, model_persistence_threshold)
         self._build_optimizer_groups()
         self._handles = self._install_hooks()
@@ -117,9 +120,13 @@ class Stage3Optimizer:
         # Units follow module registration order; a parameter belongs to the first module holding it.
         per_module: list[tuple[torch.nn.Module, dict[Any, list[torch.nn.Parameter]]]] = []
         seen: set[torch.nn.Parameter] = set()
+        inside_leaf = {d for leaf in self._leaves for d in leaf.modules() if d is not leaf}
         for mod in self.module.modules():
+            if mod in inside_leaf:
+                continue  # fetched with its leaf ancestor
             buckets: dict[Any, list[torch.nn.Parameter]] = {}
-            for p in mod._parameters.values():
+            own = mod.parameters() if mod in self._leaves else mod._parameters.values()
+            for p in own:
                 if p is None or p in seen:
                     continue
                 seen.add(p)
@@ -142,7 +149,8 @@ class Stage3Optimizer:
         self.module_units: dict[torch.nn.Module, list[Unit]] = {}
         for mod in self.module.modules():
             needed: list[Unit] = []
-            for p in mod._parameters.values():
+            own = [] if mod in inside_leaf else mod.parameters() if mod in self._leaves else mod._parameters.values()
+            for p in own:
                 if p is not None and not assigned[p].persistent and assigned[p] not in needed:
                     needed.append(assigned[p])
             self.module_units[mod] = needed
@@ -517,6 +525,36 @@ class Stage3Optimizer:
         if universal.get("loss_scaler"):
             self.loss_scaler.load_state_dict(universal["loss_scaler"])
         self._refresh_gathered()
+
+
+def _leaf_modules(root: torch.nn.Module, spec: dict[str, Any], granularity_threshold: int) -> set[torch.nn.Module]:
+    """Modules fetched whole, with every submodule's parameters (DeepSpeed's "leaf modules").
+
+    A module is a leaf when its class (name or dotted path) is in spec["classes"], its name is in
+    spec["names"] or ends with one of spec["name_suffixes"], or when its granularity (parameters in
+    its subtree per module in it) is below `stage3_module_granularity_threshold`. Mixture-of-experts
+    blocks are leaves by default: only some experts run each step, which would otherwise change the
+    recorded fetch order every step.
+    """
+    classes = set(spec.get("classes", ()))
+    names = set(spec.get("names", ()))
+    suffixes = tuple(spec.get("name_suffixes", ()))
+    leaves: set[torch.nn.Module] = set()
+    covered: set[torch.nn.Module] = set()
+    for name, mod in root.named_modules():
+        if mod in covered:
+            continue
+        cls = type(mod)
+        leaf = (cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
+                or name in names or (suffixes and name.endswith(suffixes)))
+        if not leaf and granularity_threshold > 0 and mod is not root:
+            subtree = list(mod.modules())
+            numel = sum(getattr(p, "ds_numel", p.numel()) for p in mod.parameters())
+            leaf = numel > 0 and numel / len(subtree) < granularity_threshold
+        if leaf:
+            leaves.add(mod)
+            covered.update(mod.modules())
+    return leaves
 
 
 def _wrap_outputs(output: Any, strategy: Stage3Optimizer, module: torch.nn.Module) -> Any:

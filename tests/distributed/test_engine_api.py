@@ -93,7 +93,6 @@ def test_unsupported_and_conflicting_settings_fail_clearly(tmp_path):
     """Catches features that are switched on but silently ignored, or conflicting inputs accepted."""
     cases = {
         "offload_param.device": {**BASE, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
-        "stage3_module_granularity_threshold": {**BASE, "zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 100}},
         "offload_optimizer.device": {**BASE, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
         "tensor_parallel.tp_size": {**BASE, "tensor_parallel": {"tp_size": 2}},
         "moe.enabled": {**BASE, "moe": {"enabled": True}},

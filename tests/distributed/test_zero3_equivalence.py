@@ -237,6 +237,7 @@ def _train(build: Callable[[], nn.Module], batches: list, gas: int, *, groups: C
         "ref_norms": ref_norms,
         "steps": (engine.global_steps, engine.micro_steps),
         "partitioned": partitioned,
+        "units": len(engine.strategy.units),
         "memory": engine.memory_breakdown(),
         "extra": extra,
     }
@@ -280,6 +281,9 @@ def _prefetch_and_cap() -> dict:
         "prefetch": {"stage3_prefetch_bucket_size": 10**9},
         "capped": {"stage3_prefetch_bucket_size": 10**9, "stage3_max_live_parameters": 1000,
                    "stage3_max_reuse_distance": 0},
+        # Fetched whole: every transformer block by class, or any module this coarse.
+        "leaf_blocks": {"leaf_module": {"classes": ["Block"], "names": [], "name_suffixes": []}},
+        "granularity": {"stage3_module_granularity_threshold": 10**6},
     }
     return {name: _train(_gpt, batches, 1, zero=zero, optimizer=ATTN_ADAMW) for name, zero in configs.items()}
 
@@ -508,8 +512,12 @@ def test_tied_weights_linear_head_shares_embedding(runs, world):
 def test_prefetch_and_memory_cap_change_nothing_but_memory(runs, world):
     """Prefetch on/off and a tight live cap give bitwise the same training, equal to DDP; the cap lowers the peak."""
     results = runs(world, "prefetch_and_cap")
-    for name in ("no_prefetch", "prefetch", "capped"):
+    for name in ("no_prefetch", "prefetch", "capped", "leaf_blocks", "granularity"):
         _check([r[name] for r in results])
+    # Leaf modules gather a block (or coarser) as one unit: fewer units, the same training.
+    r0 = results[0]
+    assert r0["leaf_blocks"]["units"] < r0["no_prefetch"]["units"]
+    assert r0["granularity"]["units"] < r0["no_prefetch"]["units"]
     r0 = results[0]
     for name in ("prefetch", "capped"):
         assert r0[name]["engine_losses"] == r0["no_prefetch"]["engine_losses"], name
