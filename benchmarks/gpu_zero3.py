@@ -94,7 +94,7 @@ def part1(device: torch.device) -> dict:
     with device:  # zero.Init creates tensors on the device, so compare with a whole model built there
         whole = GPT(cfg).state_dict()
     _, init_weights = train_engine(cfg, ds_config(3, False, **capped), [], init=True)
-    idiff = max((init_weights[k].float() - v.float()).abs().max().item() for k, v in whole.items())
+    idiff = max((init_weights[k].float() - v.float().cpu()).abs().max().item() for k, v in whole.items())
     results["zero_init_same_weights"] = {"max_abs_diff": idiff, "ok": idiff == 0.0}
     torch.backends.cuda.matmul.allow_tf32 = True
     return results
@@ -120,7 +120,7 @@ def timed(step, n_warm: int, n_steps: int, tokens_per_step: int) -> dict:
     return {"tokens_per_s": tokens_per_step * n_steps / elapsed, "s_per_step": elapsed / n_steps, "peak_gib": peak}
 
 
-def part2(device: torch.device, quick: bool) -> dict:
+def part2(device: torch.device, quick: bool, profile: bool = False) -> dict:
     cfg = GPTConfig(vocab_size=32768, seq_len=1024, num_layers=12, hidden_size=1024, num_heads=16, tie_embeddings=False)
     if quick:
         cfg = GPTConfig(vocab_size=512, seq_len=64, num_layers=2, hidden_size=64, num_heads=2, tie_embeddings=False)
@@ -149,7 +149,7 @@ def part2(device: torch.device, quick: bool) -> dict:
 
         return timed(step, warm, steps, tokens)
 
-    def run_shardspeed(stage: int, **zero: object) -> dict:
+    def run_shardspeed(stage: int, profile: bool = False, **zero: object) -> dict:
         torch.manual_seed(0)
         model = GPT(cfg)
         config = ds_config(stage, True, overlap_comm=True, **zero)
@@ -163,6 +163,16 @@ def part2(device: torch.device, quick: bool) -> dict:
 
         result = timed(step, warm, steps, tokens)
         result["memory_breakdown"] = engine.memory_breakdown()
+        if profile:  # where a step's host and device time go
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    step()
+                _sync()
+            result["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50)
+            print(result["profile"], flush=True)
         engine.destroy()
         return result
 
@@ -170,7 +180,9 @@ def part2(device: torch.device, quick: bool) -> dict:
                ("FSDP2 (bf16 params, default reshard)", lambda: run_torch("fsdp2")),
                ("shardspeed stage 0 (bf16, fp32 masters)", lambda: run_shardspeed(0)),
                ("shardspeed stage 2 (bf16, fp32 masters)", lambda: run_shardspeed(2)),
-               ("shardspeed stage 3 (bf16, fp32 masters)", lambda: run_shardspeed(3)),
+               ("shardspeed stage 3 (bf16, fp32 masters)", lambda: run_shardspeed(3, profile=profile)),
+               ("shardspeed stage 3, blocks as leaf modules", lambda: run_shardspeed(
+                   3, leaf_module={"classes": ["Block"], "names": [], "name_suffixes": []})),
                ("shardspeed stage 3, 2-block live cap", lambda: run_shardspeed(
                    3, stage3_max_live_parameters=2 * 12 * cfg.hidden_size ** 2, stage3_max_reuse_distance=0))]
     params = sum(p.numel() for p in GPT(cfg).parameters())
@@ -183,7 +195,7 @@ def part2(device: torch.device, quick: bool) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        print(name, json.dumps(out[name], default=str)[:400], flush=True)
+        print(name, json.dumps({k: v for k, v in out[name].items() if k != "profile"}, default=str)[:400], flush=True)
     return out
 
 
@@ -191,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--quick", action="store_true", help="a tiny model in part 2 (for a dry run)")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of three stage-3 steps")
     args = parser.parse_args()
     shardspeed.init_distributed()
     param_shards.COLLECTIVES_AT_WORLD_1 = True
@@ -205,7 +218,7 @@ def main() -> None:
     t0 = time.perf_counter()
     report["part1"] = part1(device)
     print("part1", json.dumps(report["part1"]), f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    report["part2"] = part2(device, args.quick)
+    report["part2"] = part2(device, args.quick, args.profile)
     rows = [(k, v) for k, v in report["part2"].items() if k != "model"]
     base = report["part2"]["torch (bf16 params, fused AdamW)"].get("tokens_per_s")
     print(f"\nmodel: {report['part2']['model']}")
