@@ -31,7 +31,8 @@ def _train(precision: dict, overflow_step: int | None = None, stage: int = 0) ->
     torch.manual_seed(0)
     model = TinyNet()
     engine, optimizer, _, scheduler = shardspeed.initialize(
-        model=model, config=_config(precision, zero_optimization={"stage": stage, "reduce_bucket_size": 400}))
+        model=model, config=_config(precision, zero_optimization={"stage": stage, "reduce_bucket_size": 400,
+                                                                   "stage3_param_persistence_threshold": 40}))
     batches = make_batches(STEPS, MICRO * world)
     losses, lrs, snapshots = [], [], []
     for step, batch in enumerate(batches):
@@ -40,22 +41,29 @@ def _train(precision: dict, overflow_step: int | None = None, stage: int = 0) ->
         if step == overflow_step and rank == world - 1:
             loss = loss * float("inf")  # only the last rank overflows; every rank must skip
         engine.backward(loss)
-        before = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        before = _weights(engine, stage)
         engine.step()
         losses.append(loss.item())
         lrs.append(engine.get_lr()[0])
-        snapshots.append(all(torch.equal(before[k], v) for k, v in engine.module.state_dict().items()))
+        snapshots.append(all(torch.equal(before[k], v) for k, v in _weights(engine, stage).items()))
     masters = [p for g in optimizer.param_groups for p in g["params"]] if stage == 0 else []
     return {
         "losses": losses, "lrs": lrs, "unchanged": snapshots, "skipped": engine.skipped_steps,
         "scale": engine.loss_scaler.loss_scale, "steps": engine.global_steps,
         "param_dtypes": {p.dtype for p in engine.module.parameters()},
         "master_dtypes": {p.dtype for p in masters},
-        "params": {k: v.float() for k, v in engine.module.state_dict().items()},
+        "params": {k: v.float() for k, v in _weights(engine, stage).items()},
         "masters_rounded_equal": all(torch.equal(p, m.to(p.dtype)) for p, m in zip(
             [p for p in engine.module.parameters()], masters)) if masters and masters[0].dtype != next(engine.module.parameters()).dtype else True,
         "applied": engine.was_step_applied(),
     }
+
+
+def _weights(engine, stage: int) -> dict:
+    """Whole weights on every rank (stage 3 gathers them)."""
+    if stage == 3:
+        return engine.strategy.consolidated_state_dict(on_all_ranks=True)
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
 def _train_pair(precision: dict, stage: int) -> tuple[dict, dict]:
@@ -64,7 +72,7 @@ def _train_pair(precision: dict, stage: int) -> tuple[dict, dict]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("name,precision,dtype", [
     ("bf16", {"bf16": {"enabled": True}}, torch.bfloat16),
     ("fp16", {"fp16": {"enabled": True, "initial_scale_power": 8}}, torch.float16),
@@ -84,7 +92,7 @@ def test_16bit_training_tracks_fp32_with_fp32_masters(tmp_path, name, precision,
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (2, 1), (4, 2)])
+@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (2, 1), (4, 2), (2, 3), (4, 3)])
 def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(tmp_path, world, stage):
     """Catches a rank stepping past an overflow, a scale that is not lowered, or an LR step on a skipped step."""
     precision = {"fp16": {"enabled": True, "initial_scale_power": 10, "hysteresis": 1}}
