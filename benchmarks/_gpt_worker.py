@@ -1,7 +1,8 @@
 """One rank of a side-by-side training benchmark: the same GPT, data and optimizer under
 torch DDP, FSDP2, shardspeed or DeepSpeed, timed after a warm-up. Started by a benchmark driver
 through torchrun; rank 0 prints one JSON line with tokens/s, the peak resident memory of every rank,
-the model-state bytes of every rank and the mean seconds per phase (forward, backward, step) on rank 0.
+the model-state bytes of every rank (total, and by kind) and the mean seconds per phase (forward,
+backward, step) on rank 0.
 
 Model-state bytes are measured once, after the timed steps, between one more backward and its
 optimizer step: the point where gradients, optimizer states and parameters all exist.
@@ -40,6 +41,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--bucket", type=float, default=6.5e6, help="Gradient bucket elements (DDP: the same bytes).")
     p.add_argument("--overlap_comm", type=int, choices=[0, 1], default=None,
                    help="Set zero_optimization.overlap_comm (shardspeed/DeepSpeed); unset leaves the key out.")
+    p.add_argument("--reshard_after_forward", type=int, choices=[0, 1], default=0,
+                   help="FSDP2: 0 keeps parameters gathered from forward through backward (ZeRO-2 peer), 1 is "
+                        "FSDP2's default resharding (ZeRO-3 peer).")
+    p.add_argument("--max_live", type=int, default=None, help="zero_optimization.stage3_max_live_parameters (unset: left out).")
+    p.add_argument("--max_reuse", type=int, default=None, help="zero_optimization.stage3_max_reuse_distance (unset: left out).")
     p.add_argument("--local_rank", type=int, default=-1)
     return p.parse_args()
 
@@ -48,6 +54,10 @@ def ds_config(args: argparse.Namespace) -> dict:
     zero: dict = {"stage": args.stage, "reduce_bucket_size": int(args.bucket), "allgather_bucket_size": int(args.bucket)}
     if args.overlap_comm is not None:
         zero["overlap_comm"] = bool(args.overlap_comm)
+    if args.max_live is not None:
+        zero["stage3_max_live_parameters"] = args.max_live
+    if args.max_reuse is not None:
+        zero["stage3_max_reuse_distance"] = args.max_reuse
     return {
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": 1,
@@ -125,11 +135,14 @@ def build_fsdp2(args: argparse.Namespace, model: torch.nn.Module) -> System:
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    # Closest peer to ZeRO-2: parameters stay unsharded from forward through backward (no
-    # re-gather in backward); gradients and optimizer states are sharded.
+    # reshard_after_forward=False is the closest peer to ZeRO-2: parameters stay unsharded from
+    # forward through backward (no re-gather in backward); gradients and optimizer states are
+    # sharded. True (FSDP2's default) frees each block's parameters after its forward and gathers
+    # them again in backward: the ZeRO-3 peer.
+    reshard = bool(args.reshard_after_forward)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
     def local(t):
@@ -137,8 +150,9 @@ def build_fsdp2(args: argparse.Namespace, model: torch.nn.Module) -> System:
 
     def model_state():
         # Local shards of the parameters, of their gradients and of AdamW's states (DTensors). Measured
-        # after backward, when the unsharded parameters have been freed again: during forward and
-        # backward each rank also holds the full unsharded parameters (4 bytes/param), not counted.
+        # after backward, when the unsharded parameters have been freed again. Not counted: the
+        # unsharded parameters gathered during forward and backward (all of them from forward through
+        # backward without resharding, 4 bytes/param; a few blocks at a time with resharding).
         params = list(model.parameters())
         return {"parameters": nbytes(local(p) for p in params), "gradients": nbytes(local(p.grad) for p in params),
                 "optimizer_states": nbytes(local(t) for t in state_tensors(opt))}
@@ -156,6 +170,9 @@ def build_engine(args: argparse.Namespace, model: torch.nn.Module) -> System:
     if args.system == "shardspeed":
         def model_state():
             return dict(engine.memory_breakdown())
+    elif args.stage == 3:
+        def model_state():
+            return deepspeed_stage3_model_state(engine, model)
     else:
         def model_state():
             return deepspeed_model_state(engine, model)
@@ -189,6 +206,38 @@ def deepspeed_model_state(engine, model: torch.nn.Module) -> dict[str, int]:
     fp32 = list(getattr(opt, "single_partition_of_fp32_groups", []))
     partitions.extend(t.grad for t in fp32)
     out["gradients"] = storage_bytes(full_grads + partitions, seen)
+    out["master_weights"] = storage_bytes(fp32, seen)
+    inner = getattr(opt, "optimizer", opt)
+    out["optimizer_states"] = storage_bytes(state_tensors(inner), seen)
+    return out
+
+
+def deepspeed_stage3_model_state(engine, model: torch.nn.Module) -> dict[str, int]:
+    """What DeepSpeed's ZeRO-3 optimizer holds on this rank, by distinct storage, keyed like
+    shardspeed's `memory_breakdown()`: the parameter partitions (`fp16_partitioned_groups_flat`,
+    which every `ds_tensor` is a view of, plus any `ds_tensor` outside it), the persistent
+    parameters' whole data (`ds_persist`, kept gathered), the unsharded data of any other parameter
+    still gathered at this point (`gathered_parameters`), the gradient partitions
+    (`grad_partitions_flat_buffer`, which `averaged_gradients` views, plus any `.grad` still held),
+    the IPG bucket buffer (`reduce_bucket_size` elements, allocated once and kept:
+    `gradient_buckets`), the fp32 partition the optimizer steps (`fp32_partitioned_groups_flat`,
+    a copy even when the model is fp32: `master_weights`) and the torch optimizer's states."""
+    opt = engine.optimizer
+    seen: set[int] = set()
+    params = list(model.parameters())
+    out = {"parameters": storage_bytes([*getattr(opt, "fp16_partitioned_groups_flat", []),
+                                        *(getattr(p, "ds_tensor", None) for p in params)], seen)}
+    persistent = [p.data for p in params if getattr(p, "ds_persist", False)]
+    out["persistent_parameters"] = storage_bytes(persistent, seen)
+    out["gathered_parameters"] = storage_bytes([p.data for p in params if not getattr(p, "ds_persist", False)], seen)
+    grads: list = [getattr(opt, "grad_partitions_flat_buffer", None)]
+    for value in (getattr(opt, "averaged_gradients", {}) or {}).values():
+        grads.extend(value if isinstance(value, (list, tuple)) else [value])
+    grads.extend(p.grad for p in params)
+    fp32 = list(getattr(opt, "fp32_partitioned_groups_flat", []))
+    grads.extend(t.grad for t in fp32)
+    out["gradients"] = storage_bytes(grads, seen)
+    out["gradient_buckets"] = storage_bytes([b.buffer for b in getattr(opt, "ipg_buckets", {}).values()], seen)
     out["master_weights"] = storage_bytes(fp32, seen)
     inner = getattr(opt, "optimizer", opt)
     out["optimizer_states"] = storage_bytes(state_tensors(inner), seen)
@@ -245,12 +294,15 @@ def main() -> None:
     breakdown = system.model_state()
     system.step()
     state = gather(float(sum(breakdown.values())), world)
+    breakdowns: list = [None] * world
+    dist.all_gather_object(breakdowns, breakdown)
     if rank == 0:
         print(json.dumps({
             "system": args.system, "stage": args.stage, "world": world, "params": params,
             "tokens_per_s": args.steps * args.micro * args.seq * world / elapsed,
             "peak_rss_mib": [round(v, 1) for v in rss], "final_loss": loss.item(),
             "model_state_bytes": [int(v) for v in state], "model_state_breakdown": breakdown,
+            "model_state_breakdown_ranks": breakdowns,
             "phase_s": {k: round(v / args.steps, 4) for k, v in phase.items()},
         }), flush=True)
     dist.destroy_process_group()

@@ -36,6 +36,11 @@ class ParameterNotGatheredError(RuntimeError):
 COLLECTIVES_AT_WORLD_1 = False
 
 
+# Measured with gloo on this 2-core machine (benchmarks/RESULTS.md, ZeRO stage 3): all-gather is
+# 1.5-3x faster than the masked all-reduce for 0.26M-6.3M elements; the all-reduce wins at ~27M.
+GLOO_ALL_REDUCE_GATHER_ABOVE = 16_000_000
+
+
 def needs_collective(dp: AxisGroup) -> bool:
     return dp.size > 1 or COLLECTIVES_AT_WORLD_1
 
@@ -185,9 +190,9 @@ class Unit:
             self.full = self.partition.clone()
             self._install()
             return
-        if dist.get_backend(self.dp.group) == "gloo":
-            # gloo's all-gather is slower than its all-reduce (see comm.collectives): zeros
-            # everywhere but our shards, summed, is the gathered buffer, exactly.
+        if dist.get_backend(self.dp.group) == "gloo" and self.full_numel > GLOO_ALL_REDUCE_GATHER_ABOVE:
+            # For big buffers gloo's all-gather is slower than its all-reduce (see comm.collectives):
+            # zeros everywhere but our shards, summed, is the gathered buffer, exactly.
             full = torch.zeros(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
             for slot in self.slots:
                 start = slot.full_offset + rank * slot.shard
