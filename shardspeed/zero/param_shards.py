@@ -36,9 +36,11 @@ class ParameterNotGatheredError(RuntimeError):
 COLLECTIVES_AT_WORLD_1 = False
 
 
-# Measured with gloo on this 2-core machine (benchmarks/RESULTS.md, ZeRO stage 3): all-gather is
-# 1.5-3x faster than the masked all-reduce for 0.26M-6.3M elements; the all-reduce wins at ~27M.
-GLOO_ALL_REDUCE_GATHER_ABOVE = 16_000_000
+# On gloo, units bigger than this are gathered by the masked all-reduce, smaller ones by all-gather.
+# Measured here (benchmarks/RESULTS.md, ZeRO stage 3, A/B at world 2 on a quiet machine): all-gather
+# was 4 % faster (within noise) but raised peak RSS per rank by 130 MiB (two buffers per unit, and
+# glibc keeps the freed ones), past DDP's; so every unit takes the all-reduce path by default.
+GLOO_ALL_REDUCE_GATHER_ABOVE = 0
 
 
 def needs_collective(dp: AxisGroup) -> bool:

@@ -286,12 +286,13 @@ def _prefetch_and_cap() -> dict:
         "granularity": {"stage3_module_granularity_threshold": 10**6},
     }
     out = {name: _train(_gpt, batches, 1, zero=zero, optimizer=ATTN_ADAMW) for name, zero in configs.items()}
-    # gloo gathers big units by a masked all-reduce and small ones by all-gather: run the first path too.
+    # gloo gathers units above a size by a masked all-reduce (by default all of them) and the rest by
+    # all-gather (NCCL's path): run the all-gather path too.
     from shardspeed.zero import param_shards
 
-    saved, param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE = param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE, 0
+    saved, param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE = param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE, 10**12
     try:
-        out["all_reduce_gather"] = _train(_gpt, batches, 1, zero=configs["prefetch"], optimizer=ATTN_ADAMW)
+        out["all_gather_gather"] = _train(_gpt, batches, 1, zero=configs["prefetch"], optimizer=ATTN_ADAMW)
     finally:
         param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE = saved
     return out
@@ -528,7 +529,7 @@ def test_prefetch_and_memory_cap_change_nothing_but_memory(runs, world):
     assert r0["leaf_blocks"]["units"] < r0["no_prefetch"]["units"]
     assert r0["granularity"]["units"] < r0["no_prefetch"]["units"]
     r0 = results[0]
-    for name in ("prefetch", "capped", "all_reduce_gather"):
+    for name in ("prefetch", "capped", "all_gather_gather"):
         assert r0[name]["engine_losses"] == r0["no_prefetch"]["engine_losses"], name
         for key, value in r0["no_prefetch"]["engine"].items():
             assert torch.equal(r0[name]["engine"][key], value), (name, key)
