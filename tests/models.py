@@ -28,6 +28,17 @@ class TinyNet(nn.Module):
         return torch.nn.functional.cross_entropy(logits, y)
 
 
+class Deep(nn.Module):
+    """12 layers, ~50k parameters, so padding is negligible and there are a dozen buckets or units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(12)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).float().pow(2).mean()
+
+
 def make_batches(steps: int, global_batch: int, seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(global_batch, IN, generator=g), torch.randint(0, CLASSES, (global_batch,), generator=g))

@@ -19,6 +19,7 @@ from ..comm.init import init_distributed
 from ..comm.topology import Topology
 from ..config import ConfigError, ResolveContext, load_config
 from ..config.schema import ShardspeedConfig
+from ..zero.param_shards import is_partitioned
 from .dataloader import ShardspeedDataLoader
 from .engine import ShardspeedEngine
 from .loss_scaler import make_loss_scaler
@@ -131,7 +132,7 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
 def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topology) -> torch.nn.Module:
     """Move to this rank's device, cast to the training dtype, and copy rank 0's weights everywhere."""
     device = get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0")))
-    if any(hasattr(p, "ds_unit") for p in model.parameters()):
+    if any(is_partitioned(p) for p in model.parameters()):
         return _place_partitioned_module(model, device, topology)
     model.to(device)
     if cfg.fp16.enabled:
@@ -152,7 +153,7 @@ def _place_partitioned_module(model: torch.nn.Module, device: torch.device, topo
     Parameters it gained outside zero.Init are still whole; they and the buffers get rank 0's values.
     """
     dp = topology.axis("data")
-    whole = [p for p in model.parameters() if not hasattr(p, "ds_unit")]
+    whole = [p for p in model.parameters() if not is_partitioned(p)]
     with torch.no_grad():
         for tensor in [*whole, *model.buffers()]:
             tensor.data = tensor.data.to(device)

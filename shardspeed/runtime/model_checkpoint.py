@@ -100,7 +100,7 @@ def _aliases(module: torch.nn.Module) -> dict[str, str]:
 def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
     state: dict[str, Any] = {
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-        "optimizer": engine.strategy.state_dict() if engine.strategy is not None and (
+        "optimizer": engine.strategy.state_dict() if engine.optimizer is not None and (
             not engine.strategy.replicated or engine.global_rank == 0) else None,
         "dataloader": engine.training_dataloader.state_dict() if engine.training_dataloader is not None else None,
     }
@@ -146,7 +146,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
         return str(folder), model_state["client_state"]
     saved_world = int(manifest.get("world_size", 1))
     own = engine.global_rank if engine.global_rank < saved_world else 0
-    if load_optimizer_states and engine.strategy is not None:
+    if load_optimizer_states and engine.optimizer is not None:
         # Any saved layout: gather every saved rank's shard into per-parameter state, keep ours.
         states = [load_verified(folder, _rank_file(r), manifest) for r in range(saved_world)]
         rank_state = states[own]

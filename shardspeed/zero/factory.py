@@ -21,7 +21,7 @@ _COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.f
 def build_zero_strategy(
     cfg: ShardspeedConfig,
     module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     topology: Topology,
     loss_scaler: LossScaler,
 ) -> ZeroStrategy:
@@ -37,7 +37,8 @@ def build_zero_strategy(
         raise ConfigError(f"the model was built under shardspeed.zero.Init (its parameters are partitioned) but "
                           f"`zero_optimization.stage` is {zero.stage}; set it to 3")
     if zero.stage == 3:
-        _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
+        if optimizer is not None:
+            _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
         return Stage3Optimizer(
             module, optimizer, topology.axis("data"), loss_scaler,
             prefetch_bucket_size=zero.prefetch_bucket_size,

@@ -68,10 +68,7 @@ class _GatherOnTouch:
         self.manager.scopes.pop()
         for unit in self.units:
             if exc_type is None:
-                if unit.dp.size > 1:
-                    for p in unit.params:
-                        dist.broadcast(p.data, src=unit.dp.ranks[0], group=unit.dp.group)
-                unit.absorb_full()
+                unit.keep_values_of(0)
             unit.release()
 
 
@@ -87,8 +84,6 @@ def _all_subclasses(cls: type) -> list[type]:
 
 class Init:
     """Partition parameters as modules are constructed (ZeRO stage 3)."""
-
-    _active = 0
 
     def __init__(self, module: torch.nn.Module | None = None, data_parallel_group: Any = None,
                  mem_efficient_linear: bool = True, remote_device: str | None = None, pin_memory: bool = False,
@@ -122,7 +117,7 @@ class Init:
         if group is None:
             return Topology.data_parallel().axis("data")
         ranks = dist.get_process_group_ranks(group)
-        return AxisGroup(group, ranks, dist.get_rank(group), len(ranks))
+        return AxisGroup(group, tuple(ranks), dist.get_rank(group))
 
     @staticmethod
     def _dtype(config: Any, dtype: torch.dtype | None) -> torch.dtype:
@@ -139,7 +134,6 @@ class Init:
     def __enter__(self) -> "Init":
         if not self.enabled:
             return self
-        Init._active += 1
         # Tensors are created where they will live, so every initialiser draws from that device's
         # generator: the same numbers as building the model whole there.
         self._device_mode = torch.device(self.device) if self.device.type != "cpu" else None
@@ -171,7 +165,6 @@ class Init:
         self._patched.clear()
         if self._device_mode is not None:
             self._device_mode.__exit__(*exc)
-        Init._active -= 1
 
     def _patch_class(self, cls: type) -> None:
         if cls is not torch.nn.Module and "__init__" in cls.__dict__:
@@ -276,11 +269,7 @@ class GatheredParameters:
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         if exc_type is None and self.modifier_rank is not None:
             for unit in self.units:
-                if unit.dp.size > 1:
-                    src = unit.dp.ranks[self.modifier_rank]
-                    for p in unit.params:
-                        dist.broadcast(p.data, src=src, group=unit.dp.group)
-                unit.absorb_full()
+                unit.keep_values_of(self.modifier_rank)
                 unit.manager.refresh_masters(unit)
         for unit, was in zip(self.units, self._was_gathered):
             unit.users -= 1

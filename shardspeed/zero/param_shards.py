@@ -142,13 +142,11 @@ class Unit:
             full += shard * dp.size
         self.partition_size = offset
         self.full_numel = full
-        self.numel = sum(s.numel for s in self.slots)
         self.partition = torch.zeros(offset, dtype=dtype, device=device)
         self.full: torch.Tensor | None = None
         self._work: Any = None
         self._landing: torch.Tensor | None = None  # where an NCCL all-gather lands before copy-out
         self.users = 0  # modules (or GatheredParameters blocks) using the gathered weights right now
-        self.kept_by_context = False
 
     # ---- building ------------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -179,10 +177,6 @@ class Unit:
     def gathered(self) -> bool:
         return self.full is not None and self._work is None
 
-    @property
-    def in_flight(self) -> bool:
-        return self._work is not None
-
     def start_gather(self) -> None:
         """Launch the collective that brings every rank's shards here (returns at once)."""
         if self.full is not None:
@@ -193,8 +187,8 @@ class Unit:
             self._install()
             return
         if dist.get_backend(self.dp.group) == "gloo" and self.full_numel > GLOO_ALL_REDUCE_GATHER_ABOVE:
-            # For big buffers gloo's all-gather is slower than its all-reduce (see comm.collectives):
-            # zeros everywhere but our shards, summed, is the gathered buffer, exactly.
+            # Zeros everywhere but our shards, summed across ranks, is the gathered buffer, exactly;
+            # one buffer instead of all-gather's two (see GLOO_ALL_REDUCE_GATHER_ABOVE).
             full = torch.zeros(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
             for slot in self.slots:
                 start = slot.full_offset + rank * slot.shard
@@ -251,19 +245,23 @@ class Unit:
             for p, slot in zip(self.params, self.slots):
                 self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
 
-    def load_whole(self, slot_index: int, value: torch.Tensor) -> None:
+    def keep_values_of(self, rank: int) -> None:
+        """The gathered weights as data-parallel rank `rank` has them become every rank's shards."""
+        if self.dp.size > 1:
+            for p in self.params:
+                dist.broadcast(p.data, src=self.dp.ranks[rank], group=self.dp.group)
+        self.absorb_full()
+
+    def load_whole(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Set one parameter from its whole value (same on every rank): our shard, and the gathered copy."""
-        slot = self.slots[slot_index]
+        slot = param.ds_slot
         with torch.no_grad():
             flat = value.detach().reshape(-1).to(self.partition.dtype)
             if flat.numel() != slot.numel:
                 raise ValueError(f"`{slot.name}`: expected {slot.numel} elements ({tuple(slot.shape)}), got {flat.numel()}")
             self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(flat, slot.shard, self.dp.rank))
             if self.gathered:
-                self.params[slot_index].data.copy_(flat.view(slot.shape))
-
-    def bytes_gathered(self) -> int:
-        return 0 if self.full is None else self.full.numel() * self.full.element_size()
+                param.data.copy_(flat.view(slot.shape))
 
 
 def shard_of(flat: torch.Tensor, shard: int, rank: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class Stage3Optimizer:
     def __init__(
         self,
         module: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         dp: AxisGroup,
         loss_scaler: LossScaler,
         *,
@@ -98,7 +98,7 @@ class Stage3Optimizer:
     # ---- set-up ------------------------------------------------------------------------------
     def _build_units(self, persistence_threshold: int, model_persistence_threshold: int) -> None:
         group_of: dict[torch.nn.Parameter, int] = {}
-        for g, group in enumerate(self.optimizer.param_groups):
+        for g, group in enumerate(self.optimizer.param_groups if self.optimizer is not None else ()):
             for p in group["params"]:
                 group_of[p] = g
         names = {p: n for n, p in self.module.named_parameters()}
@@ -106,12 +106,13 @@ class Stage3Optimizer:
             if p not in names:
                 raise ValueError("the optimizer holds a parameter that is not in the model; ZeRO-3 can only partition the model's parameters")
         for p, name in names.items():
-            if p.requires_grad and p not in group_of:
+            # Without an optimizer (inference) every parameter is partitioned as frozen.
+            if p.requires_grad and p not in group_of and self.optimizer is not None:
                 raise ValueError(f"parameter `{name}` requires grad but is in no optimizer param group; ZeRO-3 partitions every "
                                  "parameter, so freeze it (requires_grad_(False)) or give it to the optimizer")
 
         def key(p: torch.nn.Parameter) -> Any:
-            return group_of[p] if p.requires_grad else FROZEN
+            return group_of[p] if p in group_of and p.requires_grad else FROZEN
 
         persistent_budget = model_persistence_threshold
         assigned: dict[torch.nn.Parameter, Unit] = {}
@@ -179,7 +180,7 @@ class Stage3Optimizer:
             part = unit.partition
             unit.master = torch.nn.Parameter(part if part.dtype == torch.float32 else part.float())
             unit.grad_partition = torch.zeros_like(part)
-        for g, group in enumerate(self.optimizer.param_groups):
+        for g, group in enumerate(self.optimizer.param_groups if self.optimizer is not None else ()):
             group["params"] = [u.master for u in self.trainable if u.group_key == g]
 
     def _install_hooks(self) -> list[Any]:
@@ -231,9 +232,9 @@ class Stage3Optimizer:
             self._end_step()  # no backward will follow (evaluation)
 
     def _after_forward_use(self, unit: Unit) -> None:
-        if unit.persistent or unit.kept_by_context:
+        if unit.persistent:
             return
-        if self.schedule.reuse_distance(unit) <= self.max_reuse and self._live_numel() <= self.max_live:
+        if self.schedule.reuse_distance(unit) <= self.max_reuse and self._live_elements <= self.max_live:
             return  # used again soon: keep it
         self.release_unit(unit)
 
@@ -245,7 +246,7 @@ class Stage3Optimizer:
         if not self._in_forward_pass:
             self._begin_forward()
         for unit in self.trainable:
-            unit.pending = sum(1 for p in unit.params if p.requires_grad)
+            unit.pending = len(unit.params)  # trainable units hold only parameters that require grad
             unit.reduced = False
         torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
 
@@ -293,7 +294,7 @@ class Stage3Optimizer:
             work = dist.reduce_scatter_tensor(recv, send, group=self.dp.group, async_op=True)
         self._reduces.append((unit, send, recv, work))
         self.reduce_peak_bytes = max(self.reduce_peak_bytes, sum(s.numel() * s.element_size() for _, s, _, _ in self._reduces))
-        if not unit.persistent and unit.users == 0 and not unit.kept_by_context:
+        if not unit.persistent and unit.users == 0:
             self.release_unit(unit)
         while len(self._reduces) > self.MAX_REDUCE_IN_FLIGHT:
             self._finish_reduce()
@@ -318,7 +319,7 @@ class Stage3Optimizer:
 
     def _end_step(self) -> None:
         for unit in list(self._live):
-            if unit.users == 0 and not unit.kept_by_context:
+            if unit.users == 0:
                 self.release_unit(unit)
         self.schedule.end_step()
         self._in_backward = False
@@ -336,7 +337,7 @@ class Stage3Optimizer:
     def _prefetch(self) -> None:
         if self.prefetch_elements <= 0 or not self.schedule.valid:
             return
-        live = self._live_numel()
+        live = self._live_elements
         for position, units in self.schedule.prefetch_window(self.prefetch_elements):
             for unit in units:
                 if unit.persistent or unit.full is not None:
@@ -363,9 +364,6 @@ class Stage3Optimizer:
             self._live[unit] = None
             self._live_elements += unit.full_numel
             self._live_bytes += unit.full_numel * unit.partition.element_size()
-
-    def _live_numel(self) -> int:
-        return self._live_elements
 
     def _note_live(self) -> None:
         self.live_peak_bytes = max(self.live_peak_bytes, self._live_bytes)
@@ -427,7 +425,7 @@ class Stage3Optimizer:
             "gradients": tensor_bytes([u.grad_partition for u in self.trainable]),
             "gradient_buckets_peak": self.reduce_peak_bytes,
             "master_weights": tensor_bytes([u.master for u in self.trainable if u.partition.dtype != torch.float32]),
-            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
+            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())) if self.optimizer is not None else 0,
         }
 
     # ---- whole weights: GatheredParameters, state dicts ------------------------------------------
@@ -449,7 +447,7 @@ class Stage3Optimizer:
             unit.gather()
             if keep:
                 for p in unit.params:
-                    whole[id(p)] = p.data.detach().clone().cpu()
+                    whole[id(p)] = p.data.detach().to("cpu", copy=True)
             if not was_gathered:
                 unit.release()
         if not keep:
@@ -459,7 +457,7 @@ class Stage3Optimizer:
         for name, tensor in self.module.state_dict(keep_vars=True).items():
             if id(tensor) in frozen:
                 continue
-            out[name] = whole[id(tensor)] if id(tensor) in whole else tensor.detach().clone().cpu()
+            out[name] = whole[id(tensor)] if id(tensor) in whole else tensor.detach().to("cpu", copy=True)
         return out
 
     def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -475,9 +473,8 @@ class Stage3Optimizer:
                 if name not in state:
                     continue
                 if is_partitioned(tensor):
-                    unit = tensor.ds_unit
-                    unit.load_whole(next(i for i, q in enumerate(unit.params) if q is tensor), state[name])
-                    touched.add(unit)
+                    tensor.ds_unit.load_whole(tensor, state[name])
+                    touched.add(tensor.ds_unit)
                 else:
                     tensor.copy_(state[name])
         for unit in touched:

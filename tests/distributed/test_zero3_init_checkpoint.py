@@ -21,7 +21,7 @@ from shardspeed.checkpoint import get_fp32_state_dict_from_zero_checkpoint
 from shardspeed.zero import GatheredParameters, ParameterNotGatheredError
 from shardspeed.zero.param_shards import shard_of
 from tests.harness import run_distributed
-from tests.models import TinyNet, make_batches, rank_slice
+from tests.models import Deep, TinyNet, make_batches, rank_slice
 
 THRESHOLD = 40  # parameters below 40 elements stay whole (persistent); everything else is partitioned
 VOCAB, DIM, SEQ, MICRO, STEPS = 24, 16, 6, 2, 3
@@ -79,7 +79,7 @@ def _jobs(jobs: list[tuple[str, object, tuple]]) -> dict:
 def runs(tmp_path_factory):
     """`runs(name)` -> per-rank {job: result}; each run happens once per module, on first use."""
     root = tmp_path_factory.mktemp("zero3")
-    ckpt = {k: str(root / k) for k in ("w4_stage3", "w2_stage1", "w2_stage3", "save16")}
+    ckpt = {k: str(root / k) for k in ("w4_stage3", "w2_stage1", "w2_stage3", "save16", "inference")}
     cache: dict[str, list[dict]] = {}
 
     def get(name: str) -> list[dict]:
@@ -89,7 +89,7 @@ def runs(tmp_path_factory):
                 cache[name] = run_distributed(_jobs, 4, root / name, jobs, deadline=240)
             elif name == "w2_models":
                 jobs = [*((kind, _init_checks, (kind,)) for kind in MODELS), ("save16", _save16_checks, (ckpt["save16"],)),
-                        ("gathered", _gathered_checks, ())]
+                        ("gathered", _gathered_checks, ()), ("inference", _inference_checks, (ckpt["inference"],))]
                 cache[name] = run_distributed(_jobs, 2, root / name, jobs, deadline=240)
             elif name == "w2_rest":
                 get("w4")  # writes the world-4 checkpoint
@@ -226,7 +226,7 @@ def _stage3_masters(engine) -> dict[str, torch.Tensor]:
 def _save16_checks(root: str) -> dict:
     """bf16 at stage 3: consolidated weights, save_16bit_model with and without the gather flag, and a
     checkpoint for zero-to-fp32."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     cfg = _config("bf16", stage3_gather_16bit_weights_on_model_save=True)
     torch.manual_seed(0)
     with shardspeed.zero.Init(config_dict_or_path=cfg):
@@ -387,17 +387,6 @@ def _construction_memory() -> dict | None:
     whole_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
     return {"init_peak_growth": init_peak_growth, "whole_growth": whole_growth, "shard_bytes": shard_bytes,
             "whole_bytes": whole_bytes, "layer_bytes": whole_bytes // LAYERS}
-
-
-class Deep(nn.Module):
-    """12 layers, ~50k parameters, so padding is negligible."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(12)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).float().pow(2).mean()
 
 
 def _breakdown(precision: str) -> dict:
@@ -608,6 +597,48 @@ def test_gathered_parameters(runs, tmp_path, world):
             row = r["bf16_trained"]["fc1.weight"][3].float()
             assert ((row - 0.5).abs() < 0.05).all(), row
             assert abs(r["bf16_trained"]["fc1.bias"][5].float().item() - 0.25) < 0.05
+
+
+def _inference_checks(root: str) -> dict:
+    """Stage 3 with no optimizer (inference), on a model built by zero.Init over an explicit process group."""
+    cfg = {k: v for k, v in _config().items() if k != "optimizer"}
+    torch.manual_seed(0)
+    whole = TinyNet()
+    torch.manual_seed(0)
+    with shardspeed.zero.Init(config_dict_or_path=cfg, data_parallel_group=dist.new_group(list(range(dist.get_world_size())))):
+        model = TinyNet()
+    partitioned = all(p.numel() == 0 for p in model.parameters() if p.ds_numel >= THRESHOLD)
+    engine, optimizer, _, _ = shardspeed.initialize(model=model, config=cfg)
+    x, y = make_batches(1, 8)[0]
+    with torch.no_grad():
+        loss, expected = engine(x, y).item(), whole(x, y).item()
+    try:
+        engine.backward(engine(x, y))
+        backward_error = ""
+    except RuntimeError as err:
+        backward_error = str(err)
+    engine.save_checkpoint(root, tag="t")
+    torch.manual_seed(1)
+    other, *_ = shardspeed.initialize(model=TinyNet(), config=cfg)
+    other.load_checkpoint(root, tag="t")
+    restored = other._zero3_consolidated_16bit_state_dict()
+    return {"partitioned": partitioned, "optimizer": optimizer, "loss": loss, "expected": expected,
+            "backward_error": backward_error, "memory": engine.memory_breakdown(), "restored": restored,
+            "whole": {k: v.detach().clone() for k, v in whole.state_dict().items()}}
+
+
+@pytest.mark.timeout(240)
+def test_stage3_without_an_optimizer_serves_inference_and_checkpoints(runs):
+    """Catches stage 3 needing an optimizer to partition (inference, reference models), zero.Init refusing an
+    explicit data_parallel_group, or checkpoints of such an engine failing to save or load."""
+    for rank, r in enumerate(_job(runs("w2_models"), "inference")):
+        assert r["partitioned"] and r["optimizer"] is None
+        assert r["loss"] == pytest.approx(r["expected"], rel=1e-6)
+        assert "needs an optimizer" in r["backward_error"]
+        assert r["memory"]["optimizer_states"] == 0 and r["memory"]["gradients"] == 0
+        if rank == 0:
+            for name, value in r["whole"].items():
+                assert torch.equal(r["restored"][name], value), name
 
 
 # ---- checkpoints: same-layout resume, any layout, zero-to-fp32 ------------------------------------

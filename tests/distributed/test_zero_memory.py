@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch import nn
 
 import shardspeed
 from tests.harness import run_distributed
+from tests.models import Deep
 
 BUCKET = 5_000
 LARGEST = 64 * 64  # the biggest parameter (a parameter above BUCKET would be a bucket of its own)
-
-
-class Deep(nn.Module):
-    """12 layers, ~50k parameters, so padding is negligible and there are a dozen buckets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(12)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).float().pow(2).mean()
 
 
 def _measure(precision: str) -> dict:
