@@ -81,3 +81,57 @@ def _failure(workdir: Path, rank: int, code: int | None) -> str:
         if status == "error":
             return f"rank {rank} failed (exit {code}):\n{payload}"
     return f"rank {rank} exited with code {code} and no traceback (killed?)"
+
+
+# ---- many scenarios in one spawned job ------------------------------------------------------------
+# Spawning processes dominates the cost of a small distributed test on this machine, so tests of one
+# feature run all their scenarios of a world size in one job, each caught separately so one failure
+# does not hide the others; the tests only read that job's results (cached per world size).
+
+def run_named(scenarios: dict[str, Callable[[], Any]], names: list[str]) -> dict[str, tuple[str, Any]]:
+    """On every rank: each named scenario's ("ok", result) or ("error", traceback).
+
+    A scenario that fails on some ranks only stops the later ones (the ranks may be out of step).
+    """
+    import torch
+    import torch.distributed as dist
+
+    out: dict[str, tuple[str, Any]] = {}
+    for name in names:
+        try:
+            out[name] = ("ok", scenarios[name]())
+        except Exception:  # noqa: BLE001 - reported to the test that reads this scenario
+            out[name] = ("error", traceback.format_exc())
+        failed = torch.tensor([int(out[name][0] == "error")])
+        dist.all_reduce(failed)
+        if 0 < failed.item() < dist.get_world_size():
+            for later in names[names.index(name) + 1:]:
+                out[later] = ("error", f"not run: scenario {name!r} failed on {failed.item()} of {dist.get_world_size()} ranks")
+            break
+    return out
+
+
+class ScenarioRuns:
+    """One spawned job per world size: `job(*args(world, tmp))` on every rank returns `run_named`'s dict."""
+
+    def __init__(self, factory: Any, label: str, job: Callable[..., dict], args: Callable[[int, Path], tuple],
+                 deadline: float) -> None:
+        self.factory, self.label, self.job, self.args, self.deadline = factory, label, job, args, deadline
+        self.done: dict[int, Any] = {}
+
+    def __call__(self, world: int, name: str) -> list[Any]:
+        import pytest
+
+        if world not in self.done:
+            tmp = self.factory.mktemp(f"{self.label}_world{world}")
+            try:
+                self.done[world] = run_distributed(self.job, world, tmp, *self.args(world, tmp), deadline=self.deadline)
+            except RankFailed as e:
+                self.done[world] = e
+        if isinstance(self.done[world], RankFailed):
+            raise self.done[world]
+        per_rank = [r[name] for r in self.done[world]]
+        for rank, (status, payload) in enumerate(per_rank):
+            if status != "ok":
+                pytest.fail(f"scenario {name!r} failed on rank {rank} (world {world}):\n{payload}", pytrace=False)
+        return [payload for _, payload in per_rank]

@@ -23,6 +23,7 @@ from ..accelerator import get_accelerator
 from ..comm.topology import Topology
 from ..config.schema import ShardspeedConfig
 from ..monitor import MonitorMaster, WallClockTimers
+from ..offload.optimizer_offload import TIMER_NAMES as OFFLOAD_TIMERS
 from ..zero import StepResult, ZeroStrategy, build_zero_strategy
 from . import model_checkpoint as checkpointing
 from .loss_scaler import LossScaler
@@ -53,9 +54,10 @@ class ShardspeedEngine(torch.nn.Module):
         self.lr_scheduler = lr_scheduler
         self.loss_scaler = loss_scaler
         self.training_dataloader = training_dataloader
+        self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
         # Stage 3 partitions parameters even without an optimizer (inference, frozen reference models).
         self.strategy: ZeroStrategy | None = (
-            build_zero_strategy(config, module, optimizer, topology, loss_scaler)
+            build_zero_strategy(config, module, optimizer, topology, loss_scaler, self.timers)
             if optimizer is not None or config.zero_stage == 3 else None
         )
         self.optimizer = optimizer
@@ -68,7 +70,6 @@ class ShardspeedEngine(torch.nn.Module):
         self._global_grad_norm: float | None = None
         self._window_losses: list[torch.Tensor] = []
         self._last_print = (time.perf_counter(), 0)
-        self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
         self.monitor = MonitorMaster(config.tensorboard, config.csv_monitor, config.wandb, rank=self.global_rank)
 
     # ---- DeepSpeed-named accessors, read from the typed config ------------------------------
@@ -209,7 +210,7 @@ class ShardspeedEngine(torch.nn.Module):
                     [f"{lr:.3e}" for lr in self.get_lr()], self.loss_scaler.loss_scale, rate,
                 )
             if self.config.wall_clock_breakdown:
-                self.timers.log([FORWARD, BACKWARD, STEP], normalizer=every)
+                self.timers.log([FORWARD, BACKWARD, STEP, *OFFLOAD_TIMERS], normalizer=every)
         if self.config.memory_breakdown and every and self.global_steps % every == 0 and self.global_rank == 0:
             logger.info("[rank 0] memory breakdown (bytes): %s", self.memory_breakdown())
 

@@ -82,21 +82,29 @@ def clip_factor(norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (norm + CLIP_EPS))
 
 
-def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float) -> StepResult:
-    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions.
+def unscale_and_clip_factor(grads: list[torch.Tensor], loss_scaler: Any, group: dist.ProcessGroup | None,
+                            check_overflow: bool, max_norm: float) -> tuple[StepResult, float]:
+    """The step's verdict from disjoint gradient partitions, and the factor to multiply them by.
 
     Partitions are disjoint: their squared norms add up across ranks to the global norm, and an
     inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
     """
     scale = loss_scaler.loss_scale
-    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
     norm = grad_norm(grads, group=group).item() / scale
     overflow = check_overflow and not math.isfinite(norm)
     loss_scaler.update_scale(overflow)
     if overflow:
-        return StepResult(applied=False, overflow=True, grad_norm=norm)
-    factor = clip_factor(norm, max_norm) / scale
+        return StepResult(applied=False, overflow=True, grad_norm=norm), 0.0
+    return StepResult(applied=True, overflow=False, grad_norm=norm), clip_factor(norm, max_norm) / scale
+
+
+def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
+                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float) -> StepResult:
+    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions."""
+    grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
+    result, factor = unscale_and_clip_factor(grads, loss_scaler, group, check_overflow, max_norm)
+    if not result.applied:
+        return result
     for master, grad in zip(masters, grads):
         master.grad = grad
     if factor != 1.0:
@@ -104,7 +112,7 @@ def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor
     optimizer.step()
     for master in masters:
         master.grad = None
-    return StepResult(applied=True, overflow=False, grad_norm=norm)
+    return result
 
 
 def tensor_bytes(tensors: Any) -> int:

@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from functools import partial
+from typing import Any, Callable
+
 from ..comm.topology import Topology
 from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
+from ..offload.optimizer_offload import OffloadedOptimizer, Segment
 from ..runtime.loss_scaler import LossScaler
 from .base import ZeroStrategy
 from .param_shards import is_partitioned
@@ -24,12 +28,12 @@ def build_zero_strategy(
     optimizer: torch.optim.Optimizer | None,
     topology: Topology,
     loss_scaler: LossScaler,
+    timers: Any = None,
 ) -> ZeroStrategy:
     zero = cfg.zero_optimization
-    for name in ("offload_optimizer", "offload_param"):
-        section = getattr(zero, name)
-        if section is not None and section.device != "none":
-            raise ConfigError(f"`zero_optimization.{name}.device` {section.device!r} is not supported yet by shardspeed; set it to \"none\"")
+    if zero.offload_param is not None and zero.offload_param.device != "none":
+        raise ConfigError(f"`zero_optimization.offload_param.device` {zero.offload_param.device!r} is not supported yet; set it to \"none\"")
+    offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
     comm_dtype = _COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None
     predivide = cfg.gradient_predivide_factor if cfg.prescale_gradients else None
     check_overflow = cfg.fp16.enabled or (cfg.bf16.enabled and cfg.bf16.check_grad_overflow)
@@ -47,6 +51,7 @@ def build_zero_strategy(
             max_live_parameters=zero.max_live_parameters, max_reuse_distance=zero.max_reuse_distance,
             check_overflow=check_overflow, comm_dtype=comm_dtype, predivide=predivide,
             leaf_modules=zero.leaf_module, module_granularity_threshold=zero.module_granularity_threshold,
+            offload=offload,
         )
     if zero.stage in (1, 2):
         _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
@@ -57,13 +62,30 @@ def build_zero_strategy(
             # gloo's reduce-scatter is an all-reduce underneath: one all-reduce is the cheaper way there.
             reduce_scatter=zero.reduce_scatter and dist.get_backend(dp.group) != "gloo",
             overlap_comm=zero.overlap_comm_resolved, check_overflow=check_overflow,
-            comm_dtype=comm_dtype, predivide=predivide,
+            comm_dtype=comm_dtype, predivide=predivide, offload=offload,
         )
+    if offload is not None:
+        raise ConfigError("`zero_optimization.offload_optimizer` needs ZeRO stage 1, 2 or 3 (it offloads the partitioned "
+                          "optimizer states); set `zero_optimization.stage` to 1 or higher, or offload_optimizer.device to \"none\"")
     return ReplicatedOptimizer(
         module, optimizer, topology.axis("data"), loss_scaler,
         bucket_elements=zero.reduce_bucket_size, check_overflow=check_overflow,
         comm_dtype=comm_dtype, predivide=predivide,
     )
+
+
+def _optimizer_offload(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer, timers: Any) -> Callable[[list[list[Segment]]], OffloadedOptimizer] | None:
+    """How the stage builds its offloaded optimizer from its partition segments, or None without offload."""
+    zero = cfg.zero_optimization
+    section = zero.offload_optimizer
+    if section is None or section.device == "none":
+        return None
+    if section.device == "nvme" and not section.nvme_path:
+        raise ConfigError("`zero_optimization.offload_optimizer.nvme_path` must name a folder on a fast local disk when "
+                          "offload_optimizer.device is \"nvme\"")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return partial(OffloadedOptimizer, optimizer, cfg=section, sub_group_size=zero.sub_group_size, aio=cfg.aio,
+                   rank=rank, timers=timers)
 
 
 def _elementwise_optimizers() -> tuple[type, ...]:

@@ -14,14 +14,15 @@ holds one flat master partition: any `torch.optim.Optimizer` is partitioned the 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..comm.collectives import all_gather_partitions
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, scaled_backward, step_partitions, tensor_bytes
+from ..offload.optimizer_offload import OffloadedOptimizer, Segment
+from .base import StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
 from .layout import GroupLayout, build_layout
 from .partitioned_grads import PartitionedGradients
 from .universal import restore_hyperparams, shard_header, snapshot_state
@@ -45,8 +46,10 @@ class PartitionedOptimizer:
         check_overflow: bool,
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
+        offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None = None,
     ) -> None:
         self.optimizer = optimizer
+        self.offloading = offload is not None
         self.dp = dp
         self.loss_scaler = loss_scaler
         self.check_overflow = check_overflow
@@ -65,6 +68,9 @@ class PartitionedOptimizer:
             partition_grads=stage == 2, reduce_scatter=reduce_scatter, overlap=overlap_comm,
             comm_dtype=comm_dtype, predivide=predivide,
         )
+        # With offload, fp32 masters and optimizer states live in host memory (or on NVMe) instead.
+        self.offload = offload([[Segment(grad, flat[s:e])] for grad, flat, (s, e) in zip(
+            self.grads.partitions, self.flat_params, (l.partition(dp.rank) for l in self.layouts))]) if offload else None
 
     def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str]) -> None:
         trainable = [p for p in group["params"] if p.requires_grad]
@@ -84,13 +90,13 @@ class PartitionedOptimizer:
             p.data = flat[slot.offset:slot.end].view_as(p)
         start, end = layout.partition(self.dp.rank)
         own = flat[start:end]
-        master = torch.nn.Parameter(own if own.dtype == torch.float32 else own.float().clone())
+        master = None if self.offloading else torch.nn.Parameter(own if own.dtype == torch.float32 else own.float().clone())
         self.layouts.append(layout)
         self.group_params.append(ordered)
         self.flat_params.append(flat)
         self.masters.append(master)
         self.frozen_in_groups.append([p for p in group["params"] if not p.requires_grad])
-        group["params"] = [master]
+        group["params"] = [master] if master is not None else []
 
     # ---- ZeroStrategy ------------------------------------------------------------------------
     def prepare_backward(self, boundary: bool) -> None:
@@ -100,6 +106,13 @@ class PartitionedOptimizer:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
+        if self.offload is not None:
+            result, factor = unscale_and_clip_factor(self.grads.partitions, self.loss_scaler, self.dp.group if self.dp.size > 1 else None,
+                                                     self.check_overflow, max_norm)
+            if result.applied:
+                self.offload.step(factor)
+                self._all_gather()
+            return result
         result = step_partitions(self.optimizer, self.masters, self.grads.partitions, self.loss_scaler,
                                  self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
         if not result.applied:
@@ -121,24 +134,30 @@ class PartitionedOptimizer:
 
     def close(self) -> None:
         self.grads.remove()
+        if self.offload is not None:
+            self.offload.close()
 
     def memory_breakdown(self) -> dict[str, int]:
         frozen = [p for p in self.module_params if not p.requires_grad]
+        parts = {"parameters": tensor_bytes(self.flat_params) + tensor_bytes(frozen), **self.grads.buffer_bytes()}
+        if self.offload is not None:
+            return {**parts, "master_weights": 0, "optimizer_states": 0, **self.offload.memory_breakdown()}
         owns_copy = [m for m, f in zip(self.masters, self.flat_params) if f.dtype != torch.float32]
-        return {
-            "parameters": tensor_bytes(self.flat_params) + tensor_bytes(frozen),
-            **self.grads.buffer_bytes(),
-            "master_weights": tensor_bytes(owns_copy),
-            "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
-        }
+        return {**parts, "master_weights": tensor_bytes(owns_copy),
+                "optimizer_states": tensor_bytes(list(self.optimizer.state.values()))}
+
+    def _master_and_state(self, g: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.offload is not None:
+            return self.offload.group_master_and_state(g)
+        return self.masters[g].detach(), self.optimizer.state.get(self.masters[g], {})
 
     # ---- checkpoints ---------------------------------------------------------------------------
     replicated = False  # each rank saves its own partitions
 
     def state_dict(self) -> dict[str, Any]:
         groups = []
-        for layout, master in zip(self.layouts, self.masters):
-            state = self.optimizer.state.get(master, {})
+        for g, layout in enumerate(self.layouts):
+            master, state = self._master_and_state(g)
             groups.append({
                 "slots": [(s.name, s.offset, s.numel, s.shape) for s in layout.slots],
                 "partition": layout.partition(self.dp.rank),
@@ -149,6 +168,9 @@ class PartitionedOptimizer:
         return {**shard_header(self.optimizer, self.loss_scaler, "partitioned"), "groups": groups}
 
     def sync_masters_from_model(self) -> None:
+        if self.offload is not None:
+            self.offload.reload_from_params()
+            return
         with torch.no_grad():
             for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
                 if flat.dtype != torch.float32:
@@ -158,14 +180,14 @@ class PartitionedOptimizer:
     def load_universal(self, universal: dict[str, Any]) -> None:
         """Take fp32 weights and optimizer states per parameter name (any saved layout) and keep our partitions."""
         params = universal["params"]
-        for layout, master, flat in zip(self.layouts, self.masters, self.flat_params):
+        for g, (layout, master, flat) in enumerate(zip(self.layouts, self.masters, self.flat_params)):
             start, end = layout.partition(self.dp.rank)
             full = torch.zeros(layout.padded_numel, dtype=torch.float32)
             for slot in layout.slots:
                 full[slot.offset:slot.end] = params[slot.name]["fp32"].reshape(-1)
             with torch.no_grad():
                 flat.copy_(full.to(flat.dtype))
-                if flat.dtype != torch.float32:
+                if master is not None and flat.dtype != torch.float32:
                     master.copy_(full[start:end])
             state: dict[str, Any] = {}
             first = params[layout.slots[0].name]["state"]
@@ -174,11 +196,14 @@ class PartitionedOptimizer:
                     buf = torch.zeros(layout.padded_numel, dtype=value.dtype)
                     for slot in layout.slots:
                         buf[slot.offset:slot.end] = params[slot.name]["state"][key].reshape(-1)
-                    state[key] = buf[start:end].clone().to(master.device)
+                    state[key] = buf[start:end].clone()
                 else:
                     state[key] = value.clone() if torch.is_tensor(value) else value
-            if state:
-                self.optimizer.state[master] = state
+            if self.offload is not None:
+                self.offload.load_group(g, full[start:end], state)
+            elif state:
+                self.optimizer.state[master] = {k: v.to(master.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                                                for k, v in state.items()}
         restore_hyperparams(self.optimizer, universal.get("hyperparams"))
         if universal.get("loss_scaler"):
             self.loss_scaler.load_state_dict(universal["loss_scaler"])

@@ -16,14 +16,15 @@ as at stages 1-2, so any elementwise torch optimizer works unchanged.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, scaled_backward, step_partitions, tensor_bytes
+from ..offload.optimizer_offload import OffloadedOptimizer, Segment
+from .base import StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
 from .fetch_schedule import FetchSchedule
 from .param_shards import ParameterNotGatheredError, Unit, is_partitioned, needs_collective, not_gathered_error, shard_of
 from .universal import restore_hyperparams, shard_header, snapshot_state
@@ -69,6 +70,7 @@ class Stage3Optimizer:
         module_granularity_threshold: int = 0,
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
+        offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None = None,
     ) -> None:
         self.module = module
         self.optimizer = optimizer
@@ -92,7 +94,7 @@ class Stage3Optimizer:
         self._reduces: deque[tuple[Unit, torch.Tensor, torch.Tensor, Any]] = deque()
         self._leaves = _leaf_modules(module, leaf_modules or {}, module_granularity_threshold)
         self._build_units(param_persistence_threshold, model_persistence_threshold)
-        self._build_optimizer_groups()
+        self._build_optimizer_groups(offload)
         self._handles = self._install_hooks()
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -174,14 +176,21 @@ class Stage3Optimizer:
         unit.reduced = False
         return unit
 
-    def _build_optimizer_groups(self) -> None:
+    def _build_optimizer_groups(self, offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None) -> None:
         self.trainable = [u for u in self.units if u.group_key != FROZEN]
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
         for unit in self.trainable:
             part = unit.partition
-            unit.master = torch.nn.Parameter(part if part.dtype == torch.float32 else part.float())
             unit.grad_partition = torch.zeros_like(part)
-        for g, group in enumerate(self.optimizer.param_groups if self.optimizer is not None else ()):
-            group["params"] = [u.master for u in self.trainable if u.group_key == g]
+            if offload is None:
+                unit.master = torch.nn.Parameter(part if part.dtype == torch.float32 else part.float())
+        self.segments = {unit: Segment(unit.grad_partition, unit.partition) for unit in self.trainable}
+        # With offload, fp32 masters and optimizer states live in host memory (or on NVMe) instead.
+        self.offload = offload([[self.segments[u] for u in self.trainable if u.group_key == g] for g in range(len(groups))]) \
+            if offload is not None else None
+        if self.offload is None:
+            for g, group in enumerate(groups):
+                group["params"] = [u.master for u in self.trainable if u.group_key == g]
 
     def _install_hooks(self) -> list[Any]:
         handles = []
@@ -389,6 +398,13 @@ class Stage3Optimizer:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
+        if self.offload is not None:
+            result, factor = unscale_and_clip_factor([u.grad_partition for u in self.trainable], self.loss_scaler,
+                                                     self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
+            if result.applied:
+                self.offload.step(factor)
+                self._refresh_gathered()
+            return result
         result = step_partitions(self.optimizer, [u.master for u in self.trainable], [u.grad_partition for u in self.trainable],
                                  self.loss_scaler, self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
         if not result.applied:
@@ -403,7 +419,7 @@ class Stage3Optimizer:
     def _refresh_gathered(self) -> None:
         """Units that stay gathered across the step (persistent ones) take the updated shards."""
         for unit in self.units:
-            if unit.full is not None and unit.master is not None:
+            if unit.full is not None and unit.group_key != FROZEN:
                 unit.release(force=True)
                 unit.gather()
 
@@ -415,15 +431,22 @@ class Stage3Optimizer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.offload is not None:
+            self.offload.close()
 
     def memory_breakdown(self) -> dict[str, int]:
         persistent = [u.full for u in self.units if u.persistent and u.full is not None]
-        return {
+        parts = {
             "parameters": tensor_bytes([u.partition for u in self.units]),
             "persistent_parameters": tensor_bytes(persistent),
             "gathered_parameters_peak": self.live_peak_bytes,
             "gradients": tensor_bytes([u.grad_partition for u in self.trainable]),
             "gradient_buckets_peak": self.reduce_peak_bytes,
+        }
+        if self.offload is not None:
+            return {**parts, "master_weights": 0, "optimizer_states": 0, **self.offload.memory_breakdown()}
+        return {
+            **parts,
             "master_weights": tensor_bytes([u.master for u in self.trainable if u.partition.dtype != torch.float32]),
             "optimizer_states": tensor_bytes(list(self.optimizer.state.values())) if self.optimizer is not None else 0,
         }
@@ -431,6 +454,8 @@ class Stage3Optimizer:
     # ---- whole weights: GatheredParameters, state dicts ------------------------------------------
     def refresh_masters(self, unit: Unit) -> None:
         """The unit's shards were rewritten (load, GatheredParameters with a modifier): masters follow."""
+        if self.offload is not None and unit in self.segments:
+            self.offload.reload_from_params([self.segments[unit]])
         if unit.master is not None and unit.partition.dtype != torch.float32:
             with torch.no_grad():
                 unit.master.copy_(unit.partition)
@@ -483,14 +508,28 @@ class Stage3Optimizer:
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         units = []
-        for unit in self.trainable:
+        for unit, (master, state) in zip(self.trainable, self._masters_and_states()):
             units.append({
                 "slots": [(s.name, s.numel, tuple(s.shape), s.offset, s.shard) for s in unit.slots],
-                "master": unit.master.detach().clone(),
-                "state": snapshot_state(self.optimizer.state.get(unit.master, {})),
+                "master": master.detach().clone(),
+                "state": snapshot_state(state),
             })
         return {**shard_header(self.optimizer, self.loss_scaler, "param_shards"),
                 "rank": self.dp.rank, "world": self.dp.size, "units": units}
+
+    def _masters_and_states(self) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """Each trainable unit's fp32 master and optimizer state, in `self.trainable` order."""
+        if self.offload is None:
+            return [(u.master, self.optimizer.state.get(u.master, {})) for u in self.trainable]
+        found: dict[Unit, tuple[torch.Tensor, dict[str, Any]]] = {}
+        for g in range(len(self.optimizer.param_groups)):
+            master, state = self.offload.group_master_and_state(g)
+            at = 0
+            for unit in (u for u in self.trainable if u.group_key == g):
+                n = unit.partition_size
+                found[unit] = (master[at:at + n], {k: v[at:at + n] if _per_element(v, master) else v for k, v in state.items()})
+                at += n
+        return [found[u] for u in self.trainable]
 
     def sync_masters_from_model(self) -> None:
         for unit in self.trainable:
@@ -499,6 +538,7 @@ class Stage3Optimizer:
     def load_universal(self, universal: dict[str, Any]) -> None:
         params = universal["params"]
         rank = self.dp.rank
+        loaded_units: dict[Unit, tuple[torch.Tensor, dict[str, Any]]] = {}
         with torch.no_grad():
             for unit in self.trainable:
                 master_parts, states = [], {}
@@ -511,17 +551,33 @@ class Stage3Optimizer:
                         else:
                             states[key] = value
                 master = torch.cat(master_parts)
-                unit.master.copy_(master)
-                if unit.partition.dtype != torch.float32:
+                if unit.partition.dtype != torch.float32 or self.offload is not None:
                     unit.partition.copy_(master)
-                loaded = {k: (torch.cat(v).to(unit.master.device) if isinstance(v, list) else
-                              (v.clone() if torch.is_tensor(v) else v)) for k, v in states.items()}
-                if loaded:
-                    self.optimizer.state[unit.master] = loaded
+                loaded = {k: (torch.cat(v) if isinstance(v, list) else (v.clone() if torch.is_tensor(v) else v))
+                          for k, v in states.items()}
+                loaded_units[unit] = (master, loaded)
+                if self.offload is None:
+                    unit.master.copy_(master)
+                    if loaded:
+                        self.optimizer.state[unit.master] = {k: v.to(unit.master.device) if isinstance(states[k], list) else v
+                                                             for k, v in loaded.items()}
+            if self.offload is not None:
+                for g in range(len(self.optimizer.param_groups)):
+                    members = [loaded_units[u] for u in self.trainable if u.group_key == g]
+                    if not members:
+                        continue
+                    master = torch.cat([m for m, _ in members])
+                    state = {k: torch.cat([st[k] for _, st in members]) if _per_element(v, members[0][0]) else v
+                             for k, v in members[0][1].items()}
+                    self.offload.load_group(g, master, state)
         restore_hyperparams(self.optimizer, universal.get("hyperparams"))
         if universal.get("loss_scaler"):
             self.loss_scaler.load_state_dict(universal["loss_scaler"])
         self._refresh_gathered()
+
+
+def _per_element(value: Any, master: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.numel() == master.numel()
 
 
 def _leaf_modules(root: torch.nn.Module, spec: dict[str, Any], granularity_threshold: int) -> set[torch.nn.Module]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import traceback
 from typing import Any, Callable
 
 import pytest
@@ -26,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import shardspeed
-from tests.harness import RankFailed, run_distributed
+from tests.harness import ScenarioRuns, run_named
 from tests.models import CLASSES, HIDDEN, IN, TinyNet
 
 STEPS, MICRO = 3, 2
@@ -414,50 +413,13 @@ PER_WORLD = {1: BASIC, 2: BASIC + ["forward_raises", "hf_gpt2", "hf_llama"], 4: 
 
 
 def _run_scenarios(names: list[str]) -> dict[str, tuple[str, Any]]:
-    """Each scenario's result or traceback. A failure on some ranks only stops the rest (they may be out of step)."""
-    world = dist.get_world_size()
-    out: dict[str, tuple[str, Any]] = {}
-    for name in names:
-        try:
-            out[name] = ("ok", SCENARIOS[name]())
-        except Exception:  # noqa: BLE001 - reported to the test that reads this scenario
-            out[name] = ("error", traceback.format_exc())
-        failed = torch.tensor([int(out[name][0] == "error")])
-        dist.all_reduce(failed)
-        if 0 < failed.item() < world:
-            for later in names[names.index(name) + 1:]:
-                out[later] = ("error", f"not run: scenario {name!r} failed on {failed.item()} of {world} ranks")
-            break
-    return out
+    return run_named(SCENARIOS, names)
 
 
 # ---- the tests -------------------------------------------------------------------------------------
-class _Runs:
-    """One spawned job per world size, shared by the tests that read its scenarios."""
-
-    def __init__(self, factory: pytest.TempPathFactory) -> None:
-        self.factory = factory
-        self.done: dict[int, Any] = {}
-
-    def __call__(self, world: int, name: str) -> list[Any]:
-        if world not in self.done:
-            try:
-                self.done[world] = run_distributed(_run_scenarios, world, self.factory.mktemp(f"zero3_world{world}"),
-                                                   PER_WORLD[world], deadline=DEADLINE)
-            except RankFailed as e:
-                self.done[world] = e
-        if isinstance(self.done[world], RankFailed):
-            raise self.done[world]
-        per_rank = [r[name] for r in self.done[world]]
-        for rank, (status, payload) in enumerate(per_rank):
-            if status != "ok":
-                pytest.fail(f"scenario {name!r} failed on rank {rank} (world {world}):\n{payload}", pytrace=False)
-        return [payload for _, payload in per_rank]
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> _Runs:
-    return _Runs(tmp_path_factory)
+def runs(tmp_path_factory: pytest.TempPathFactory) -> ScenarioRuns:
+    return ScenarioRuns(tmp_path_factory, "zero3", _run_scenarios, lambda world, tmp: (PER_WORLD[world],), DEADLINE)
 
 
 def _check(results: list[dict], steps: int = STEPS, gas: int = 1, rtol: float = 1e-5, atol: float = 1e-6,

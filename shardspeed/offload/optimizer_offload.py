@@ -1,0 +1,486 @@
+"""ZeRO-Offload: fp32 master weights and optimizer states in host memory or on NVMe, stepped on the CPU.
+
+A ZeRO stage hands over, per optimizer param group, the pieces of its partition as `Segment`s: a
+gradient slice on the device and the model-dtype parameter slice the update goes back to. The
+segments are cut into sub-groups of at most `sub_group_size` elements. Each sub-group has one
+fp32 master tensor in host memory (page-locked when the device is CUDA), which becomes one
+parameter of the user's optimizer: any elementwise torch optimizer steps it, and its states are
+created beside it in host memory. The stage keeps computing the global norm and the overflow
+verdict on the device; this class only moves and steps.
+
+A step goes sub-group by sub-group: its gradients are copied to a host staging buffer and
+multiplied by the clip/unscale factor (the same arithmetic as without offload, so results are
+bit-identical), the optimizer steps it, and the master is copied back into the model's
+parameters. On CUDA the copies of the next sub-group are issued before the CPU steps the current
+one, so the transfers overlap the step. On a CPU device there is nothing to overlap and every
+sub-group is stepped in one optimizer call.
+
+With `device: nvme` the master and the per-element optimizer states of each sub-group live in a
+swap file (`swap_space.SwapSpace`); only `buffer_count` sub-groups are in memory at once. With
+`pipeline_read` the next sub-groups are read while one is stepped; with `pipeline_write` the
+stepped ones are written back while the next are stepped (both off by default, as in DeepSpeed).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..accelerator import get_accelerator
+from ..config.errors import ConfigError
+from ..config.sections import AioConfig, OffloadOptimizerConfig
+
+# Per-element tensors in a sub-group's swap buffer start at multiples of this many bytes (O_DIRECT).
+_ALIGN_BYTES = 4096
+
+
+@dataclass(eq=False)
+class Segment:
+    """One piece of this rank's partition: where its gradient is and where updated values go.
+
+    `param` is the model-dtype slice updated from the master. Parameters that are not resident
+    (stage 3 on NVMe) give `load` (their current values) and `store` (takes updated fp32 values)
+    instead, and are never split across sub-groups.
+    """
+
+    grad: torch.Tensor
+    param: torch.Tensor | None
+    load: Callable[[], torch.Tensor] | None = None
+    store: Callable[[torch.Tensor], None] | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.grad.numel()
+
+    @property
+    def splittable(self) -> bool:
+        return self.param is not None
+
+    def values(self) -> torch.Tensor:
+        return self.param if self.param is not None else self.load()
+
+
+@dataclass(eq=False)
+class _SubGroup:
+    group: int
+    pieces: list[tuple[Segment, int, int, int]]  # (segment, start in segment, length, start in master)
+    numel: int
+    master: torch.nn.Parameter
+    scalars: dict[str, Any] = field(default_factory=dict)  # NVMe: non-element states (step) kept in memory
+    has_state: bool = False  # NVMe: optimizer states have been written to disk
+
+
+def cut_sub_groups(segments: list[Segment], sub_group_size: int) -> list[list[tuple[Segment, int, int]]]:
+    """Consecutive pieces of `segments`, at most `sub_group_size` elements per sub-group where possible.
+
+    Splittable segments are cut at the boundary; a segment that can't be split starts a new
+    sub-group when it doesn't fit, and one bigger than the size is a sub-group of its own.
+    """
+    limit = max(1, sub_group_size)
+    out: list[list[tuple[Segment, int, int]]] = []
+    current: list[tuple[Segment, int, int]] = []
+    filled = 0
+    for seg in segments:
+        start = 0
+        while start < seg.numel:
+            room = limit - filled
+            if not seg.splittable:
+                if current and seg.numel > room:
+                    out.append(current)
+                    current, filled = [], 0
+                take = seg.numel
+            else:
+                take = min(room, seg.numel - start)
+            current.append((seg, start, take))
+            filled += take
+            start += take
+            if filled >= limit:
+                out.append(current)
+                current, filled = [], 0
+    if current:
+        out.append(current)
+    return out
+
+
+def per_element_state_layout(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.dtype]]:
+    """The state tensors the optimizer keeps per element (Adam: exp_avg, exp_avg_sq), found by one
+    step of a throwaway 8-element parameter in a temporary param group. Any optimizer works."""
+    probe = torch.nn.Parameter(torch.zeros(8))
+    probe.grad = torch.full_like(probe, 1e-3)
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    optimizer.add_param_group({**group, "params": [probe]})
+    try:
+        optimizer.step()
+        state = optimizer.state.get(probe, {})
+        return [(k, v.dtype) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == probe.numel()]
+    finally:
+        optimizer.param_groups.pop()
+        optimizer.state.pop(probe, None)
+
+
+class OffloadedOptimizer:
+    """Host (or NVMe) masters and optimizer states for a ZeRO stage, stepped on the CPU."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        groups: list[list[Segment]],
+        cfg: OffloadOptimizerConfig,
+        sub_group_size: int,
+        *,
+        aio: AioConfig,
+        rank: int,
+        timers: Any = None,
+    ) -> None:
+        if cfg.ratio != 1.0:
+            raise ConfigError("`zero_optimization.offload_optimizer.ratio` below 1 (partial offload) is not supported yet; "
+                              "set it to 1.0")
+        if cfg.super_offload:
+            raise ConfigError("`zero_optimization.offload_optimizer.super_offload` is not supported yet; set it to false")
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.nvme = cfg.device == "nvme"
+        self.timers = timers
+        self.accelerator = get_accelerator()
+        self.device = groups[0][0].grad.device if groups and groups[0] else torch.device("cpu")
+        self.pin = cfg.pin_memory and self.device.type == "cuda"
+        self.group_segments = groups
+        self.sub_groups: list[_SubGroup] = []
+        for g, segments in enumerate(groups):
+            for pieces in cut_sub_groups(segments, sub_group_size):
+                numel = sum(n for _, _, n in pieces)
+                placed, offset = [], 0
+                for seg, start, n in pieces:
+                    placed.append((seg, start, n, offset))
+                    offset += n
+                master = torch.nn.Parameter(torch.empty(0, dtype=torch.float32))
+                self.sub_groups.append(_SubGroup(g, placed, numel, master))
+        for g, group in enumerate(optimizer.param_groups):
+            group["params"] = [sg.master for sg in self.sub_groups if sg.group == g]
+        _use_fused_cpu_kernels(optimizer)
+        self._staging: list[torch.Tensor] = []
+        self.swap = None
+        if self.nvme:
+            self._init_nvme(aio, rank)
+        else:
+            for sg in self.sub_groups:
+                sg.master.data = self._host_empty(sg.numel)
+                self._fill_master(sg, sg.master.data)
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _host_empty(self, numel: int) -> torch.Tensor:
+        t = torch.empty(numel, dtype=torch.float32)
+        return self.accelerator.pin_memory(t) if self.pin else t
+
+    def _fill_master(self, sg: _SubGroup, out: torch.Tensor) -> None:
+        """Masters start from the model's current values (fp32 models: exact; 16-bit: upcast)."""
+        for seg, start, n, at in sg.pieces:
+            out[at:at + n].copy_(seg.values().reshape(-1)[start:start + n])
+
+    def _init_nvme(self, aio_cfg: AioConfig, rank: int) -> None:
+        from .aio import AsyncIO
+        from .swap_space import SwapSpace, aligned_empty
+
+        self.state_layout = per_element_state_layout(self.optimizer)
+        self.footprint = {id(sg): self._layout(sg.numel)[1] for sg in self.sub_groups}
+        self.aio = AsyncIO.from_config(aio_cfg)
+        self.swap = SwapSpace(self.cfg.nvme_path, "optimizer", rank, {i: self.footprint[id(sg)] for i, sg in enumerate(self.sub_groups)},
+                              self.aio, fast_init=self.cfg.fast_init, config_key="zero_optimization.offload_optimizer.nvme_path")
+        biggest = max(self.footprint.values())
+        count = max(1, self.cfg.buffer_count)
+        self.buffers = [aligned_empty(biggest, pin=self.pin) for _ in range(count)]
+        self._free = deque(self.buffers)
+        # Masters start on disk; nothing but the buffers stays in memory.
+        for i, sg in enumerate(self.sub_groups):
+            buf = self._acquire()
+            self._fill_master(sg, self._views(sg, buf)[0])
+            self.swap.write(i, buf[:self._layout(sg.numel)[0][0][1]]).wait()
+            self._free.append(buf)
+            sg.master.data = torch.empty(0, dtype=torch.float32)
+
+    def _layout(self, numel: int) -> tuple[list[tuple[int, int]], int]:
+        """(byte offset, bytes) of the master and each per-element state in a sub-group's buffer, and the total."""
+        spans, offset = [], 0
+        for dtype in [torch.float32, *(d for _, d in getattr(self, "state_layout", []))]:
+            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+            spans.append((offset, nbytes))
+            offset += -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
+        return spans, offset
+
+    def _views(self, sg: _SubGroup, buf: torch.Tensor) -> list[torch.Tensor]:
+        spans, _ = self._layout(sg.numel)
+        dtypes = [torch.float32, *(d for _, d in self.state_layout)]
+        return [buf[o:o + n].view(d) for (o, n), d in zip(spans, dtypes)]
+
+    def _acquire(self) -> torch.Tensor:
+        while not self._free:
+            self._retire_write()
+        return self._free.popleft()
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self, factor: float) -> None:
+        """Step every sub-group with its gradients multiplied by `factor` (clip and loss-scale)."""
+        if self.nvme:
+            self._step_nvme(factor)
+        elif self.device.type == "cpu":
+            self._step_waves([self.sub_groups], factor)  # nothing to overlap: one optimizer call
+        else:
+            self._step_waves([[sg] for sg in self.sub_groups], factor)
+
+    def _step_waves(self, waves: list[list[_SubGroup]], factor: float) -> None:
+        staged = self._stage_grads(waves[0], factor, slot=0)
+        for w, wave in enumerate(waves):
+            following = self._stage_grads(waves[w + 1], factor, slot=(w + 1) % 2) if w + 1 < len(waves) else None
+            self._wait_staged(staged)
+            self._optimizer_step(wave, staged[0])
+            self._copy_back(wave)
+            staged = following
+
+    def _stage_grads(self, wave: list[_SubGroup], factor: float, slot: int) -> tuple[list[torch.Tensor], Any]:
+        """Host fp32 gradients of `wave`, multiplied by `factor`. A CPU fp32 gradient of one piece is used in place."""
+        self._time("offload_grad_copy", True)
+        grads: list[torch.Tensor] = []
+        need = sum(sg.numel for sg in wave if not self._in_place_grad(sg))
+        staging = self._staging_buffer(slot, need) if need else None
+        at = 0
+        for sg in wave:
+            if self._in_place_grad(sg):
+                seg, start, n, _ = sg.pieces[0]
+                grads.append(seg.grad.reshape(-1)[start:start + n])
+                continue
+            host = staging[at:at + sg.numel]
+            at += sg.numel
+            for seg, start, n, off in sg.pieces:
+                host[off:off + n].copy_(seg.grad.reshape(-1)[start:start + n], non_blocking=self.pin)
+            grads.append(host)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self._time("offload_grad_copy", False)
+        return grads, (event, factor)
+
+    def _wait_staged(self, staged: tuple[list[torch.Tensor], Any]) -> None:
+        grads, (event, factor) = staged
+        if event is not None:
+            event.synchronize()
+        if factor != 1.0:
+            torch._foreach_mul_(grads, factor)
+
+    def _in_place_grad(self, sg: _SubGroup) -> bool:
+        if len(sg.pieces) != 1:
+            return False
+        grad = sg.pieces[0][0].grad
+        return grad.device.type == "cpu" and grad.dtype == torch.float32 and grad.is_contiguous()
+
+    def _staging_buffer(self, slot: int, numel: int) -> torch.Tensor:
+        while len(self._staging) <= slot:
+            self._staging.append(torch.empty(0, dtype=torch.float32))
+        if self._staging[slot].numel() < numel:
+            self._staging[slot] = self._host_empty(numel)
+        return self._staging[slot]
+
+    def _optimizer_step(self, wave: list[_SubGroup], grads: list[torch.Tensor]) -> None:
+        self._time("optimizer_step_cpu", True)
+        for sg, grad in zip(wave, grads):
+            sg.master.grad = grad
+        self.optimizer.step()
+        for sg in wave:
+            sg.master.grad = None
+        self._time("optimizer_step_cpu", False)
+
+    def _copy_back(self, wave: list[_SubGroup]) -> None:
+        """Updated masters into the model's parameter partitions (asynchronously from pinned memory on CUDA)."""
+        self._time("offload_param_copy", True)
+        with torch.no_grad():
+            for sg in wave:
+                master = sg.master.detach()
+                for seg, start, n, off in sg.pieces:
+                    if seg.param is None:
+                        seg.store(master[off:off + n])
+                    else:
+                        seg.param.reshape(-1)[start:start + n].copy_(master[off:off + n], non_blocking=self.pin)
+        self._time("offload_param_copy", False)
+
+    # ---- NVMe ----------------------------------------------------------------------------------
+    def _step_nvme(self, factor: float) -> None:
+        self._writes: deque[tuple[torch.Tensor, Any]] = deque()
+        reads: dict[int, tuple[torch.Tensor, Any]] = {}
+        order = list(range(len(self.sub_groups)))
+        for k, i in enumerate(order):
+            if i not in reads:
+                reads[i] = self._read(i)
+            if self.cfg.pipeline_read:
+                for j in order[k + 1:]:
+                    if j in reads:
+                        continue
+                    if not self._free:
+                        break
+                    reads[j] = self._read(j)
+            buf, request = reads.pop(i)
+            self._time("swap_in_wait", True)
+            request.wait()
+            self._time("swap_in_wait", False)
+            sg = self.sub_groups[i]
+            self._attach(sg, buf)
+            staged = self._stage_grads([sg], factor, slot=0)
+            self._wait_staged(staged)
+            self._optimizer_step([sg], staged[0])
+            self._copy_back([sg])
+            self._device_sync()  # the copies read the buffer, which is reused below
+            self._detach(sg, buf)
+            self._writes.append((buf, self.swap.write(i, buf[:self.footprint[id(sg)]])))
+            if not self.cfg.pipeline_write:
+                self._retire_write()
+        while self._writes:
+            self._retire_write()
+
+    def _read(self, i: int) -> tuple[torch.Tensor, Any]:
+        sg = self.sub_groups[i]
+        buf = self._acquire()
+        nbytes = self.footprint[id(sg)] if sg.has_state else self._layout(sg.numel)[0][0][1]
+        return buf, self.swap.read(i, buf[:nbytes])
+
+    def _retire_write(self) -> None:
+        buf, request = self._writes.popleft()
+        self._time("swap_out_wait", True)
+        request.wait()
+        self._time("swap_out_wait", False)
+        self._free.append(buf)
+
+    def _attach(self, sg: _SubGroup, buf: torch.Tensor) -> None:
+        """Point the sub-group's master and states at its swap buffer."""
+        views = self._views(sg, buf)
+        sg.master.data = views[0]
+        if sg.has_state:
+            self.optimizer.state[sg.master] = {**sg.scalars, **{k: v for (k, _), v in zip(self.state_layout, views[1:])}}
+
+    def _detach(self, sg: _SubGroup, buf: torch.Tensor) -> None:
+        """Move states the optimizer created into the buffer (first step), keep scalars, drop the rest."""
+        views = self._views(sg, buf)
+        state = self.optimizer.state.pop(sg.master, {})
+        for (key, _), view in zip(self.state_layout, views[1:]):
+            if key in state and state[key].data_ptr() != view.data_ptr():
+                view.copy_(state[key].reshape(-1))
+        sg.scalars = {k: v for k, v in state.items() if k not in dict(self.state_layout)}
+        sg.has_state = bool(state)
+        sg.master.data = torch.empty(0, dtype=torch.float32)
+
+    def _materialized(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A sub-group's master and states as tensors this caller may keep (NVMe: read from disk)."""
+        sg = self.sub_groups[i]
+        if not self.nvme:
+            return sg.master.detach(), dict(self.optimizer.state.get(sg.master, {}))
+        buf, request = self._read(i)
+        request.wait()
+        views = [v.clone() for v in self._views(sg, buf)]
+        self._free.append(buf)
+        state = {**sg.scalars, **{k: v for (k, _), v in zip(self.state_layout, views[1:])}} if sg.has_state else {}
+        return views[0], state
+
+    # ---- whole partitions, for checkpoints ---------------------------------------------------------
+    def group_master_and_state(self, g: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Group g's fp32 master (its segments end to end) and optimizer state, per element where it is."""
+        masters, per_element, scalars = [], {}, {}
+        for i, sg in enumerate(self.sub_groups):
+            if sg.group != g:
+                continue
+            master, state = self._materialized(i)
+            masters.append(master)
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.numel() == sg.numel:
+                    per_element.setdefault(key, []).append(value)
+                else:
+                    scalars.setdefault(key, value)
+        state = {**scalars, **{k: torch.cat(v) for k, v in per_element.items()}}
+        return torch.cat(masters) if masters else torch.empty(0), state
+
+    def load_group(self, g: int, master: torch.Tensor, state: dict[str, Any]) -> None:
+        """Set group g's masters and states from whole-group tensors; the model's parameters follow."""
+        at = 0
+        for i, sg in enumerate(self.sub_groups):
+            if sg.group != g:
+                continue
+            piece = master[at:at + sg.numel]
+            own = {k: (v[at:at + sg.numel].clone() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == master.numel()
+                       else (v.clone() if torch.is_tensor(v) else v)) for k, v in state.items()}
+            at += sg.numel
+            if self.nvme:
+                buf = self._acquire()
+                views = self._views(sg, buf)
+                views[0].copy_(piece)
+                for (key, _), view in zip(self.state_layout, views[1:]):
+                    if key in own:
+                        view.copy_(own.pop(key).reshape(-1))
+                sg.scalars, sg.has_state = own, bool(state)
+                self.swap.write(i, buf[:self.footprint[id(sg)]]).wait()
+                sg.master.data = views[0]
+                self._copy_back([sg])
+                self._device_sync()
+                sg.master.data = torch.empty(0, dtype=torch.float32)
+                self._free.append(buf)
+            else:
+                sg.master.data.copy_(piece)
+                if own:
+                    self.optimizer.state[sg.master] = own
+                self._copy_back([sg])
+
+    def reload_from_params(self, segments: list[Segment] | None = None) -> None:
+        """Masters from the model's (just loaded or rewritten) parameters; states untouched.
+
+        With `segments`, only the sub-groups holding a piece of one of them.
+        """
+        wanted = None if segments is None else {id(seg) for seg in segments}
+        for i, sg in enumerate(self.sub_groups):
+            if wanted is not None and not any(id(seg) in wanted for seg, *_ in sg.pieces):
+                continue
+            if self.nvme:
+                buf, request = self._read(i)
+                request.wait()
+                self._fill_master(sg, self._views(sg, buf)[0])
+                self.swap.write(i, buf[:self.footprint[id(sg)] if sg.has_state else self._layout(sg.numel)[0][0][1]]).wait()
+                self._free.append(buf)
+            else:
+                self._fill_master(sg, sg.master.data)
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes by where they live: host memory (`cpu_*`) and the swap file (`nvme_*`)."""
+        masters = sum(sg.numel for sg in self.sub_groups) * 4
+        staging = sum(t.numel() * t.element_size() for t in self._staging)
+        if self.nvme:
+            states = sum(self.footprint.values()) - masters
+            return {"cpu_swap_buffers": sum(b.numel() for b in self.buffers), "cpu_gradient_staging": staging,
+                    "nvme_master_weights": masters, "nvme_optimizer_states": max(0, states), "nvme_file": self.swap.nbytes}
+        states = sum(v.numel() * v.element_size() for sg in self.sub_groups
+                     for v in self.optimizer.state.get(sg.master, {}).values() if torch.is_tensor(v))
+        return {"cpu_master_weights": masters, "cpu_optimizer_states": states, "cpu_gradient_staging": staging}
+
+    def _device_sync(self) -> None:
+        if self.pin:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _time(self, name: str, start: bool) -> None:
+        if self.timers is not None:
+            timer = self.timers(name)
+            timer.start() if start else timer.stop()
+
+    def close(self) -> None:
+        if self.swap is not None:
+            self.swap.close()
+            self.aio.close()
+            self.swap = None
+
+
+TIMER_NAMES = ("offload_grad_copy", "optimizer_step_cpu", "offload_param_copy", "swap_in_wait", "swap_out_wait")
+
+
+def _use_fused_cpu_kernels(optimizer: torch.optim.Optimizer) -> None:
+    """torch Adam/AdamW groups take the fused CPU kernel (several times faster than foreach there)."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        if not group.get("fused") and not group.get("differentiable") and not torch.is_tensor(group.get("lr")):
+            group["fused"], group["foreach"] = True, False
