@@ -17,6 +17,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DS_PYTHON_DEFAULT = "/work/dsvenv/bin/python"
+# The GPT that bench_zero12, bench_zero3 and bench_offload train (the worker's defaults).
+MODEL = dict(vocab=8192, seq=128, layers=6, hidden=512, heads=8)
+
+
+def gpt_config():
+    """The benchmark model's GPTConfig (examples/gpt.py), for counting its parameters."""
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    from gpt import GPTConfig
+
+    return GPTConfig(vocab_size=MODEL["vocab"], seq_len=MODEL["seq"], num_layers=MODEL["layers"],
+                     hidden_size=MODEL["hidden"], num_heads=MODEL["heads"], tie_embeddings=False)
 
 
 @dataclass

@@ -5,7 +5,18 @@ the model-state bytes of every rank (total, and by kind) and the mean seconds pe
 backward, step) on rank 0.
 
 Model-state bytes are measured once, after the timed steps, between one more backward and its
-optimizer step: the point where gradients, optimizer states and parameters all exist.
+optimizer step: the point where gradients, optimizer states and parameters all exist. For shardspeed
+the breakdown is `engine.memory_breakdown()`; its `nvme_*` entries (bytes in swap files, with
+`offload_optimizer.device: nvme`) are reported in the breakdown but left out of the resident total.
+
+ZeRO-Offload (`--offload_optimizer`, `--offload_param`, `--nvme_path`, `--sub_group_size`,
+`--pipeline_rw`) goes into the same `zero_optimization` section for shardspeed and DeepSpeed. Both
+build the optimizer from the config's `optimizer` section (AdamW, lr 1e-4, weight decay 0.01,
+gradient clipping 1.0): DeepSpeed then builds its DeepSpeedCPUAdam (adamw_mode) whenever the
+optimizer is offloaded, shardspeed steps torch's AdamW (fused CPU kernel) on the host copies.
+With `--timers 1` shardspeed runs with `wall_clock_breakdown` on and the JSON gets rank 0's
+seconds per timed step in each offload timer (`offload_s`): on a CPU device its timers only read
+`time.perf_counter()` (no device synchronization), so they cost next to nothing.
 """
 from __future__ import annotations
 
@@ -16,7 +27,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -46,8 +57,41 @@ def parse() -> argparse.Namespace:
                         "FSDP2's default resharding (ZeRO-3 peer).")
     p.add_argument("--max_live", type=int, default=None, help="zero_optimization.stage3_max_live_parameters (unset: left out).")
     p.add_argument("--max_reuse", type=int, default=None, help="zero_optimization.stage3_max_reuse_distance (unset: left out).")
+    p.add_argument("--offload_optimizer", choices=["none", "cpu", "nvme"], default="none",
+                   help="zero_optimization.offload_optimizer.device (none: the section is left out).")
+    p.add_argument("--offload_param", choices=["none", "cpu", "nvme"], default="none",
+                   help="zero_optimization.offload_param.device, stage 3 (none: the section is left out).")
+    p.add_argument("--nvme_path", default=None, help="nvme_path of the offload sections whose device is nvme.")
+    p.add_argument("--sub_group_size", type=int, default=None, help="zero_optimization.sub_group_size (unset: left out).")
+    p.add_argument("--pipeline_rw", type=int, choices=[0, 1], default=None,
+                   help="offload_optimizer.pipeline_read and pipeline_write (unset: left out).")
+    p.add_argument("--timers", type=int, choices=[0, 1], default=0,
+                   help="shardspeed: wall_clock_breakdown on, offload timers reported per step as `offload_s`.")
     p.add_argument("--local_rank", type=int, default=-1)
-    return p.parse_args()
+    args = p.parse_args()
+    if "nvme" in (args.offload_optimizer, args.offload_param) and not args.nvme_path:
+        p.error("--nvme_path is needed when an offload device is nvme")
+    return args
+
+
+def offload_config(args: argparse.Namespace) -> dict:
+    """The ZeRO-Offload keys of `zero_optimization`; empty when nothing is offloaded or set."""
+    zero: dict = {}
+    if args.offload_optimizer != "none":
+        section: dict = {"device": args.offload_optimizer}
+        if args.offload_optimizer == "nvme":
+            section["nvme_path"] = args.nvme_path
+        if args.pipeline_rw is not None:
+            section["pipeline_read"] = section["pipeline_write"] = bool(args.pipeline_rw)
+        zero["offload_optimizer"] = section
+    if args.offload_param != "none":
+        section = {"device": args.offload_param}
+        if args.offload_param == "nvme":
+            section["nvme_path"] = args.nvme_path
+        zero["offload_param"] = section
+    if args.sub_group_size is not None:
+        zero["sub_group_size"] = args.sub_group_size
+    return zero
 
 
 def ds_config(args: argparse.Namespace) -> dict:
@@ -58,6 +102,7 @@ def ds_config(args: argparse.Namespace) -> dict:
         zero["stage3_max_live_parameters"] = args.max_live
     if args.max_reuse is not None:
         zero["stage3_max_reuse_distance"] = args.max_reuse
+    zero.update(offload_config(args))
     return {
         "train_micro_batch_size_per_gpu": args.micro,
         "gradient_accumulation_steps": 1,
@@ -75,6 +120,9 @@ class System:
     backward: Callable[[torch.Tensor], None]
     step: Callable[[], None]
     model_state: Callable[[], dict[str, int]]  # bytes this rank holds, by kind
+    reset_timers: Callable[[], None] | None = None  # forget what the warm-up steps recorded
+    timers_ms: Callable[[], dict[str, float]] | None = None  # total ms per named timer since the reset
+    info: dict = field(default_factory=dict)  # extra JSON keys (engines: which optimizer steps)
 
 
 def nbytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -166,7 +214,10 @@ def build_engine(args: argparse.Namespace, model: torch.nn.Module) -> System:
         import deepspeed as engine_lib
 
         engine_lib.init_distributed(dist_backend="gloo")
-    engine, _, _, _ = engine_lib.initialize(model=model, model_parameters=model.parameters(), config=ds_config(args))
+    config = ds_config(args)
+    if args.system == "shardspeed" and args.timers:
+        config["wall_clock_breakdown"] = True
+    engine, _, _, _ = engine_lib.initialize(model=model, model_parameters=model.parameters(), config=config)
     if args.system == "shardspeed":
         def model_state():
             return dict(engine.memory_breakdown())
@@ -179,7 +230,25 @@ def build_engine(args: argparse.Namespace, model: torch.nn.Module) -> System:
 
     def forward(x, y):
         return engine(x, y)
-    return System(forward, engine.backward, engine.step, model_state)
+    info = {"zero_config": config["zero_optimization"], "optimizer": inner_optimizer_name(engine)}
+    if args.system != "shardspeed" or not args.timers:
+        return System(forward, engine.backward, engine.step, model_state, info=info)
+
+    def reset_timers():
+        for timer in engine.timers.get_timers().values():
+            timer.reset()
+
+    def timers_ms():
+        return {name: timer.elapsed(reset=False) for name, timer in engine.timers.get_timers().items()}
+    return System(forward, engine.backward, engine.step, model_state, reset_timers, timers_ms, info)
+
+
+def inner_optimizer_name(engine) -> str:
+    """The class that steps the parameters: the torch optimizer inside the ZeRO wrapper (DeepSpeed: its
+    `.optimizer`; shardspeed's engine keeps the user's optimizer as `.optimizer`)."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    return type(inner).__name__
 
 
 def deepspeed_model_state(engine, model: torch.nn.Module) -> dict[str, int]:
@@ -272,6 +341,8 @@ def main() -> None:
     for i in range(args.warmup):
         system.backward(system.forward(data[i % 4][:, :-1], data[i % 4][:, 1:]))
         system.step()
+    if system.reset_timers is not None:
+        system.reset_timers()
     dist.barrier()
     phase = {"forward": 0.0, "backward": 0.0, "step": 0.0}
     t0 = time.perf_counter()
@@ -288,22 +359,28 @@ def main() -> None:
         phase["step"] += td - tc
     dist.barrier()
     elapsed = time.perf_counter() - t0
+    timers = system.timers_ms() if system.timers_ms is not None else None
     rss = gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, world)
     # One more step, untimed, to measure model state between its backward and its optimizer step.
     system.backward(system.forward(data[0][:, :-1], data[0][:, 1:]))
     breakdown = system.model_state()
     system.step()
-    state = gather(float(sum(breakdown.values())), world)
+    # Bytes in swap files (`nvme_*`) are not held in memory: left out of the resident total.
+    state = gather(float(sum(v for k, v in breakdown.items() if not k.startswith("nvme_"))), world)
     breakdowns: list = [None] * world
     dist.all_gather_object(breakdowns, breakdown)
     if rank == 0:
+        extra = dict(system.info)
+        if timers is not None:
+            extra["offload_s"] = {k: round(v / 1000.0 / args.steps, 4) for k, v in timers.items()
+                                  if k not in ("forward", "backward", "step")}
         print(json.dumps({
             "system": args.system, "stage": args.stage, "world": world, "params": params,
             "tokens_per_s": args.steps * args.micro * args.seq * world / elapsed,
             "peak_rss_mib": [round(v, 1) for v in rss], "final_loss": loss.item(),
             "model_state_bytes": [int(v) for v in state], "model_state_breakdown": breakdown,
             "model_state_breakdown_ranks": breakdowns,
-            "phase_s": {k: round(v / args.steps, 4) for k, v in phase.items()},
+            "phase_s": {k: round(v / args.steps, 4) for k, v in phase.items()}, **extra,
         }), flush=True)
     dist.destroy_process_group()
 

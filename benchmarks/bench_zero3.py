@@ -46,10 +46,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-from _driver import Run, deepspeed_python, interleave, median, median_peak_rss, median_phase, per_round, python
+from _driver import MODEL, Run, deepspeed_python, gpt_config, interleave, median, median_peak_rss, median_phase, per_round, python
 
 SPEED_VS_PEER = 1.2
 STATE_TOLERANCE = 0.05  # relative, against 16/N
@@ -65,18 +64,11 @@ STATE_KEYS = {
 LIVE_KEY = {"shardspeed": "gathered_parameters_peak"}
 STAGING_KEY = {"shardspeed": "gradient_buckets_peak", "deepspeed": "gradient_buckets"}
 
-# The model bench_zero12 uses (the worker's defaults).
-MODEL = dict(vocab=8192, seq=128, layers=6, hidden=512, heads=8)
-
-
 def block_numel() -> int:
     """Elements of one transformer block of the benchmark model, counted from the model itself."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "examples"))
-    from gpt import Block, GPTConfig
+    cfg = gpt_config()
+    from gpt import Block
 
-    cfg = GPTConfig(vocab_size=MODEL["vocab"], seq_len=MODEL["seq"], num_layers=MODEL["layers"],
-                    hidden_size=MODEL["hidden"], num_heads=MODEL["heads"], tie_embeddings=False)
     return sum(p.numel() for p in Block(cfg).parameters())
 
 

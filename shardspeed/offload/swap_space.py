@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardspeed.config.errors import ConfigError
 from shardspeed.offload.aio import DIRECT_ALIGNMENT, AsyncIO, IORequest, on_io_thread, tensor_buffer
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ GIB = float(1 << 30)
 USE_O_DIRECT = True  # measured, see the module docstring
 
 
-class NvmeSwapError(RuntimeError):
+class NvmeSwapError(ConfigError):
     """The NVMe swap folder cannot be used; the message names the config key, the path and the fix."""
 
 

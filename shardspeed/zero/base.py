@@ -61,7 +61,8 @@ class ZeroStrategy(Protocol):
 def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The L2 norm of all `grads` in fp32; with `group`, the squared sums are added across it first."""
     if grads:
-        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        # Accumulates in fp32 without an fp32 copy of 16-bit gradients (that copy would be 2x their size at once).
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         squared = torch.stack(norms).square().sum()
     else:
         squared = torch.zeros((), dtype=torch.float32)

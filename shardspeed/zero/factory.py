@@ -31,8 +31,7 @@ def build_zero_strategy(
     timers: Any = None,
 ) -> ZeroStrategy:
     zero = cfg.zero_optimization
-    if zero.offload_param is not None and zero.offload_param.device != "none":
-        raise ConfigError(f"`zero_optimization.offload_param.device` {zero.offload_param.device!r} is not supported yet; set it to \"none\"")
+    _check_param_offload(cfg)
     offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
     comm_dtype = _COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None
     predivide = cfg.gradient_predivide_factor if cfg.prescale_gradients else None
@@ -51,7 +50,8 @@ def build_zero_strategy(
             max_live_parameters=zero.max_live_parameters, max_reuse_distance=zero.max_reuse_distance,
             check_overflow=check_overflow, comm_dtype=comm_dtype, predivide=predivide,
             leaf_modules=zero.leaf_module, module_granularity_threshold=zero.module_granularity_threshold,
-            offload=offload,
+            offload=offload, offload_param=zero.offload_param, aio=cfg.aio,
+            memory_efficient_linear=zero.memory_efficient_linear,
         )
     if zero.stage in (1, 2):
         _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
@@ -74,6 +74,24 @@ def build_zero_strategy(
     )
 
 
+def _check_param_offload(cfg: ShardspeedConfig) -> None:
+    zero = cfg.zero_optimization
+    section = zero.offload_param
+    if section is None or section.device == "none":
+        return
+    if zero.stage != 3:
+        raise ConfigError(f"`zero_optimization.offload_param` offloads stage-3 parameter partitions but `zero_optimization.stage` "
+                          f"is {zero.stage}; set the stage to 3 or offload_param.device to \"none\"")
+    if section.device == "nvme":
+        if not section.nvme_path:
+            raise ConfigError("`zero_optimization.offload_param.nvme_path` must name a folder on a fast local disk when "
+                              "offload_param.device is \"nvme\"")
+        optimizer_section = zero.offload_optimizer
+        if optimizer_section is None or optimizer_section.device == "none":
+            raise ConfigError("`zero_optimization.offload_param.device` \"nvme\" needs the optimizer offloaded too: set "
+                              "`zero_optimization.offload_optimizer.device` to \"cpu\" or \"nvme\"")
+
+
 def _optimizer_offload(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer, timers: Any) -> Callable[[list[list[Segment]]], OffloadedOptimizer] | None:
     """How the stage builds its offloaded optimizer from its partition segments, or None without offload."""
     zero = cfg.zero_optimization
@@ -92,8 +110,10 @@ def _elementwise_optimizers() -> tuple[type, ...]:
     from ..runtime.optimizers.factory import AdamNoBiasCorrection
     from ..runtime.optimizers.lion import Lion
 
+    from ..offload.cpu_optimizers import DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, FusedAdam
+
     o = torch.optim
-    return (o.Adam, o.AdamW, o.SGD, o.Adagrad, o.RMSprop, o.Adamax, o.NAdam, o.RAdam, o.Adadelta, Lion, AdamNoBiasCorrection)
+    return (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, FusedAdam, o.Adam, o.AdamW, o.SGD, o.Adagrad, o.RMSprop, o.Adamax, o.NAdam, o.RAdam, o.Adadelta, Lion, AdamNoBiasCorrection)
 
 
 def _check_partitionable(optimizer: torch.optim.Optimizer, allowed: bool) -> None:

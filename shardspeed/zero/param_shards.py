@@ -125,7 +125,8 @@ class Unit:
     """The parameters gathered and released together, and this rank's shards of them."""
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], dp: AxisGroup, manager: Manager,
-                 dtype: torch.dtype, device: torch.device, persistent: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device, persistent: bool = False,
+                 compute_device: torch.device | None = None, resident: bool = True) -> None:
         self.params = params
         self.dp = dp
         self.manager = manager
@@ -142,7 +143,16 @@ class Unit:
             full += shard * dp.size
         self.partition_size = offset
         self.full_numel = full
-        self.partition = torch.zeros(offset, dtype=dtype, device=device)
+        self.dtype = dtype
+        # Where the shards live (host memory with offload_param) and where gathered weights go.
+        self.device = torch.device(device)
+        self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
+        # With NVMe offload the shards are on the drive, not here: the owner sets `swapper`
+        # (offload.param_swap.ParamSwapper) and `key` (this unit's region) before `adopt`.
+        self.swapper: Any = None
+        self.key: Any = None
+        self.partition: torch.Tensor | None = torch.zeros(offset, dtype=dtype, device=device) if resident else None
+        self._reading: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (pool buffer, partition, request)
         self.full: torch.Tensor | None = None
         self._work: Any = None
         self._landing: torch.Tensor | None = None  # where an NCCL all-gather lands before copy-out
@@ -155,14 +165,16 @@ class Unit:
         A parameter is either whole (`.data` holds it) or already partitioned in another unit
         (zero.Init built it): then its shard is copied over without any communication.
         """
+        part = self.partition if self.partition is not None else torch.zeros(self.partition_size, dtype=self.dtype)
         with torch.no_grad():
             for p, slot in zip(self.params, self.slots):
-                mine = self.partition[slot.offset:slot.offset + slot.shard]
+                mine = part[slot.offset:slot.offset + slot.shard]
                 if hasattr(p, "ds_unit"):
                     mine.copy_(p.ds_tensor)
                 else:
                     mine.copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
                 self._attach(p, slot)
+        self.save_partition(part)
         self.release(force=True)
 
     def _attach(self, p: torch.nn.Parameter, slot: ShardSlot) -> None:
@@ -170,40 +182,71 @@ class Unit:
         p.ds_slot = slot
         p.ds_shape = slot.shape
         p.ds_numel = slot.numel
-        p.ds_tensor = self.partition[slot.offset:slot.offset + slot.shard]
+        # DeepSpeed's name for this rank's shard; empty when the shards are on NVMe.
+        p.ds_tensor = (self.partition[slot.offset:slot.offset + slot.shard] if self.partition is not None
+                       else torch.empty(0, dtype=self.dtype))
 
     # ---- gather / release ----------------------------------------------------------------------
     @property
     def gathered(self) -> bool:
         return self.full is not None and self._work is None
 
+    @property
+    def fetching(self) -> bool:
+        """Gathered, or on its way (a collective or an NVMe read in flight)."""
+        return self.full is not None or self._reading is not None
+
     def start_gather(self) -> None:
-        """Launch the collective that brings every rank's shards here (returns at once)."""
-        if self.full is not None:
+        """Launch the collective that brings every rank's shards here (returns at once).
+
+        With NVMe offload this only starts reading the shards; the collective starts when they
+        have arrived, in `finish_gather`.
+        """
+        if self.fetching:
             return
+        if self.swapper is not None:
+            self._reading = self.swapper.read(self.key, self.partition_size, self.dtype)
+            return
+        self._launch(self.partition)
+
+    def _launch(self, source: torch.Tensor) -> None:
         world, rank = self.dp.size, self.dp.rank
+        if source.device != self.compute_device:
+            source = source.to(self.compute_device, non_blocking=True)  # offload_param: host shards to the device
+        kind = dict(dtype=self.dtype, device=self.compute_device)
         if not needs_collective(self.dp):
-            self.full = self.partition.clone()
+            self.full = source.clone()
             self._install()
             return
         if dist.get_backend(self.dp.group) == "gloo" and self.full_numel > GLOO_ALL_REDUCE_GATHER_ABOVE:
             # Zeros everywhere but our shards, summed across ranks, is the gathered buffer, exactly;
             # one buffer instead of all-gather's two (see GLOO_ALL_REDUCE_GATHER_ABOVE).
-            full = torch.zeros(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
+            full = torch.zeros(self.full_numel, **kind)
             for slot in self.slots:
                 start = slot.full_offset + rank * slot.shard
-                full[start:start + slot.shard].copy_(self.partition[slot.offset:slot.offset + slot.shard])
+                full[start:start + slot.shard].copy_(source[slot.offset:slot.offset + slot.shard])
             self.full = full
             self._work = dist.all_reduce(full, group=self.dp.group, async_op=True)
         else:
-            self._landing = torch.empty(world * self.partition_size, dtype=self.partition.dtype, device=self.partition.device)
-            self.full = torch.empty(self.full_numel, dtype=self.partition.dtype, device=self.partition.device)
-            self._work = dist.all_gather_into_tensor(self._landing, self.partition, group=self.dp.group, async_op=True)
+            self._landing = torch.empty(world * self.partition_size, **kind)
+            self.full = torch.empty(self.full_numel, **kind)
+            self._work = dist.all_gather_into_tensor(self._landing, source, group=self.dp.group, async_op=True)
 
     def finish_gather(self) -> None:
         """Wait for the gather and point every parameter at its whole tensor."""
-        if self.full is None:
+        if not self.fetching:
             self.start_gather()
+        if self._reading is not None:
+            buf, part, request = self._reading
+            request.wait()
+            self._reading = None
+            self._launch(part)
+            self._wait_collective()  # the pool buffer is reused once the collective has read it
+            self.swapper.release(buf)
+            return
+        self._wait_collective()
+
+    def _wait_collective(self) -> None:
         if self._work is None:
             return
         self._work.wait()
@@ -230,20 +273,36 @@ class Unit:
         """Drop the gathered weights (persistent units keep theirs unless forced)."""
         if self.persistent and not force:
             return
-        if self._work is not None:
+        if self._work is not None or self._reading is not None:
             self.finish_gather()
-        empty = torch.empty(0, dtype=self.partition.dtype, device=self.partition.device)
+        empty = torch.empty(0, dtype=self.dtype, device=self.compute_device)
         for p in self.params:
             p.data = empty
             p.__class__ = ReleasedParameter
         self.full = None
 
     # ---- writing whole values back into shards ---------------------------------------------------
+    def load_partition(self) -> torch.Tensor:
+        """This rank's shards (read from the drive when they live there)."""
+        if self.partition is not None:
+            return self.partition
+        return self.swapper.read_now(self.key, self.partition_size, self.dtype)
+
+    def save_partition(self, values: torch.Tensor) -> None:
+        """Make `values` this rank's shards (written back to the drive when they live there)."""
+        if self.swapper is not None:
+            self.swapper.write(self.key, values, self.dtype)
+        elif values is not self.partition:
+            with torch.no_grad():
+                self.partition.copy_(values.reshape(-1))
+
     def absorb_full(self) -> None:
         """After the gathered weights changed on every rank alike, copy our shards of them back."""
+        part = self.load_partition()
         with torch.no_grad():
             for p, slot in zip(self.params, self.slots):
-                self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
+                part[slot.offset:slot.offset + slot.shard].copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
+        self.save_partition(part)
 
     def keep_values_of(self, rank: int) -> None:
         """The gathered weights as data-parallel rank `rank` has them become every rank's shards."""
@@ -256,10 +315,12 @@ class Unit:
         """Set one parameter from its whole value (same on every rank): our shard, and the gathered copy."""
         slot = param.ds_slot
         with torch.no_grad():
-            flat = value.detach().reshape(-1).to(self.partition.dtype)
+            flat = value.detach().reshape(-1).to(self.dtype)
             if flat.numel() != slot.numel:
                 raise ValueError(f"`{slot.name}`: expected {slot.numel} elements ({tuple(slot.shape)}), got {flat.numel()}")
-            self.partition[slot.offset:slot.offset + slot.shard].copy_(shard_of(flat, slot.shard, self.dp.rank))
+            part = self.load_partition()
+            part[slot.offset:slot.offset + slot.shard].copy_(shard_of(flat, slot.shard, self.dp.rank))
+            self.save_partition(part)
             if self.gathered:
                 param.data.copy_(flat.view(slot.shape))
 

@@ -15,6 +15,7 @@ as at stages 1-2, so any elementwise torch optimizer works unchanged.
 """
 from __future__ import annotations
 
+import types
 from collections import deque
 from typing import Any, Callable
 
@@ -23,7 +24,9 @@ import torch.distributed as dist
 
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
+from ..config.sections import AioConfig, OffloadParamConfig
 from ..offload.optimizer_offload import OffloadedOptimizer, Segment
+from ..offload.param_swap import ParamSwapper
 from .base import StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
 from .fetch_schedule import FetchSchedule
 from .param_shards import ParameterNotGatheredError, Unit, is_partitioned, needs_collective, not_gathered_error, shard_of
@@ -44,6 +47,34 @@ class _PreBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> Any:
         ctx.strategy._pre_backward(ctx.module)
         return (None, None, *grads)
+
+
+class _LinearSavingParameter(torch.autograd.Function):
+    """F.linear that saves the weight Parameter for backward rather than the `weight.t()` view F.linear saves.
+
+    The view would pin the gathered buffer from forward until backward, so every linear layer's
+    weights would stay resident in between. The Parameter itself is re-gathered before its module's
+    backward (`_PreBackward`), so saving it costs nothing (DeepSpeed's `memory_efficient_linear`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        grad_w = rows.t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _LinearSavingParameter.apply(x, module.weight, module.bias)
 
 
 class Stage3Optimizer:
@@ -71,8 +102,15 @@ class Stage3Optimizer:
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
         offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None = None,
+        offload_param: OffloadParamConfig | None = None,
+        aio: AioConfig | None = None,
+        memory_efficient_linear: bool = True,
     ) -> None:
         self.module = module
+        self.memory_efficient_linear = memory_efficient_linear
+        self.offload_param = offload_param if offload_param is not None and offload_param.device != "none" else None
+        self.aio = aio
+        self.param_swapper: ParamSwapper | None = None
         self.optimizer = optimizer
         self.dp = dp
         self.loss_scaler = loss_scaler
@@ -157,6 +195,8 @@ class Stage3Optimizer:
                 if p is not None and not assigned[p].persistent and assigned[p] not in needed:
                     needed.append(assigned[p])
             self.module_units[mod] = needed
+        if self.offload_param is not None and self.offload_param.device == "nvme":
+            self._swap_partitions()
         for unit in self.units:
             unit.adopt()
             if unit.persistent:
@@ -168,7 +208,14 @@ class Stage3Optimizer:
             if p.dtype != dtype:
                 raise ValueError(f"parameter `{names[p]}` is {p.dtype} but others in its group are {dtype}; ZeRO needs one dtype per group")
         device = params[0].ds_tensor.device if is_partitioned(params[0]) else params[0].device
-        unit = Unit(params, [names[p] for p in params], self.dp, self, dtype, device, persistent=persistent)
+        compute = device
+        if self.offload_param is not None and not persistent:
+            device = torch.device("cpu")  # offload_param: shards in host memory, gathered onto the compute device
+        swapped = self.offload_param is not None and self.offload_param.device == "nvme" and not persistent
+        unit = Unit(params, [names[p] for p in params], self.dp, self, dtype, device, persistent=persistent,
+                    compute_device=compute, resident=not swapped)
+        if unit.partition is not None and self.offload_param is not None and self.offload_param.pin_memory and compute.type == "cuda":
+            unit.partition = unit.partition.pin_memory()
         unit.group_key = group_key
         unit.master = None
         unit.grad_partition = None
@@ -176,15 +223,28 @@ class Stage3Optimizer:
         unit.reduced = False
         return unit
 
+    def _swap_partitions(self) -> None:
+        """offload_param nvme: the non-persistent units' shards go to a swap file (persistent ones stay here)."""
+        swapped = [u for u in self.units if u.partition is None]
+        if not swapped:
+            return
+        regions = {i: (u.partition_size, u.dtype) for i, u in enumerate(swapped)}
+        self.param_swapper = ParamSwapper(regions, self.offload_param, self.aio, rank=dist.get_rank() if dist.is_initialized() else 0,
+                                          pin=self.offload_param.pin_memory and swapped[0].compute_device.type == "cuda")
+        for i, unit in enumerate(swapped):
+            unit.swapper, unit.key = self.param_swapper, i
+
     def _build_optimizer_groups(self, offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None) -> None:
         self.trainable = [u for u in self.units if u.group_key != FROZEN]
         groups = self.optimizer.param_groups if self.optimizer is not None else []
         for unit in self.trainable:
             part = unit.partition
-            unit.grad_partition = torch.zeros_like(part)
+            unit.grad_partition = torch.zeros(unit.partition_size, dtype=unit.dtype, device=unit.device)
             if offload is None:
                 unit.master = torch.nn.Parameter(part if part.dtype == torch.float32 else part.float())
-        self.segments = {unit: Segment(unit.grad_partition, unit.partition) for unit in self.trainable}
+        self.segments = {unit: Segment(unit.grad_partition, unit.partition) if unit.swapper is None else
+                         Segment(unit.grad_partition, None, load=unit.load_partition, store=unit.save_partition)
+                         for unit in self.trainable}
         # With offload, fp32 masters and optimizer states live in host memory (or on NVMe) instead.
         self.offload = offload([[self.segments[u] for u in self.trainable if u.group_key == g] for g in range(len(groups))]) \
             if offload is not None else None
@@ -200,6 +260,12 @@ class Stage3Optimizer:
         for unit in self.trainable:
             for p in unit.params:
                 handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        self._patched_linears = []
+        if self.memory_efficient_linear:
+            for mod in self.module.modules():
+                if type(mod).forward is torch.nn.Linear.forward and self.module_units.get(mod):
+                    mod.forward = types.MethodType(_linear_forward, mod)
+                    self._patched_linears.append(mod)
         return handles
 
     # ---- forward --------------------------------------------------------------------------------
@@ -278,9 +344,9 @@ class Stage3Optimizer:
         """Send the unit's gradients to their owners (asynchronously) and drop the whole gradients."""
         unit.reduced = True
         world = self.dp.size
-        dtype = self.comm_dtype or unit.partition.dtype
+        dtype = self.comm_dtype or unit.dtype
         # Shards tile each rank's block exactly, so every element is written below: no memset.
-        send = torch.empty(world * unit.partition_size, dtype=dtype, device=unit.partition.device)
+        send = torch.empty(world * unit.partition_size, dtype=dtype, device=unit.compute_device)
         blocks = send.view(world, unit.partition_size)
         for p, slot in zip(unit.params, unit.slots):
             if p.grad is None:
@@ -316,7 +382,7 @@ class Stage3Optimizer:
         post = self.dp.size / self.predivide
         if post != 1.0:
             mine = mine / post
-        unit.grad_partition.add_(mine.to(unit.grad_partition.dtype))
+        unit.grad_partition.add_(mine.to(device=unit.grad_partition.device, dtype=unit.grad_partition.dtype))
 
     def _end_backward(self) -> None:
         for unit in self.trainable:  # gradients that never came (unused parameters) reduce as zeros
@@ -339,9 +405,17 @@ class Stage3Optimizer:
         if unit.persistent:
             return
         if not unit.gathered:
+            if unit.swapper is not None and not unit.fetching and not unit.swapper.has_free():
+                self._finish_prefetched_reads()
             self._add_live(unit)
             unit.finish_gather()
             self._note_live()
+
+    def _finish_prefetched_reads(self) -> None:
+        """NVMe: every swap buffer is held by a prefetched read; complete those gathers to free the buffers."""
+        for live in list(self._live):
+            if live._reading is not None:
+                live.finish_gather()
 
     def _prefetch(self) -> None:
         if self.prefetch_elements <= 0 or not self.schedule.valid:
@@ -349,9 +423,9 @@ class Stage3Optimizer:
         live = self._live_elements
         for position, units in self.schedule.prefetch_window(self.prefetch_elements):
             for unit in units:
-                if unit.persistent or unit.full is not None:
+                if unit.persistent or unit.fetching:
                     continue
-                if live + unit.full_numel > self.max_live:
+                if live + unit.full_numel > self.max_live or (unit.swapper is not None and not unit.swapper.has_free()):
                     self._note_live()
                     return  # this event waits until something is released
                 unit.start_gather()
@@ -365,14 +439,14 @@ class Stage3Optimizer:
         if unit in self._live:
             del self._live[unit]
             self._live_elements -= unit.full_numel
-            self._live_bytes -= unit.full_numel * unit.partition.element_size()
+            self._live_bytes -= unit.full_numel * unit.dtype.itemsize
         self.schedule.released(unit)
 
     def _add_live(self, unit: Unit) -> None:
         if unit not in self._live:
             self._live[unit] = None
             self._live_elements += unit.full_numel
-            self._live_bytes += unit.full_numel * unit.partition.element_size()
+            self._live_bytes += unit.full_numel * unit.dtype.itemsize
 
     def _note_live(self) -> None:
         self.live_peak_bytes = max(self.live_peak_bytes, self._live_bytes)
@@ -403,6 +477,8 @@ class Stage3Optimizer:
                                                      self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
             if result.applied:
                 self.offload.step(factor)
+                if self.param_swapper is not None:
+                    self.param_swapper.flush()
                 self._refresh_gathered()
             return result
         result = step_partitions(self.optimizer, [u.master for u in self.trainable], [u.grad_partition for u in self.trainable],
@@ -431,13 +507,25 @@ class Stage3Optimizer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for mod in self._patched_linears:
+            del mod.forward  # back to the class's forward
+        self._patched_linears = []
         if self.offload is not None:
             self.offload.close()
+        if self.param_swapper is not None:
+            self.param_swapper.close()
+
+    def _offloaded(self, unit: Unit) -> bool:
+        return self.offload_param is not None and not unit.persistent
 
     def memory_breakdown(self) -> dict[str, int]:
         persistent = [u.full for u in self.units if u.persistent and u.full is not None]
         parts = {
-            "parameters": tensor_bytes([u.partition for u in self.units]),
+            "parameters": tensor_bytes([u.partition for u in self.units if not self._offloaded(u)]),
+            **({"cpu_parameters": tensor_bytes([u.partition for u in self.units if self._offloaded(u) and u.partition is not None])}
+               if self.offload_param is not None else {}),
+            **({"nvme_parameters": self.param_swapper.swapped_bytes,
+                "cpu_parameter_swap_buffers": tensor_bytes(self.param_swapper.buffers)} if self.param_swapper is not None else {}),
             "persistent_parameters": tensor_bytes(persistent),
             "gathered_parameters_peak": self.live_peak_bytes,
             "gradients": tensor_bytes([u.grad_partition for u in self.trainable]),
@@ -447,7 +535,7 @@ class Stage3Optimizer:
             return {**parts, "master_weights": 0, "optimizer_states": 0, **self.offload.memory_breakdown()}
         return {
             **parts,
-            "master_weights": tensor_bytes([u.master for u in self.trainable if u.partition.dtype != torch.float32]),
+            "master_weights": tensor_bytes([u.master for u in self.trainable if u.dtype != torch.float32]),
             "optimizer_states": tensor_bytes(list(self.optimizer.state.values())) if self.optimizer is not None else 0,
         }
 
@@ -551,8 +639,8 @@ class Stage3Optimizer:
                         else:
                             states[key] = value
                 master = torch.cat(master_parts)
-                if unit.partition.dtype != torch.float32 or self.offload is not None:
-                    unit.partition.copy_(master)
+                if unit.dtype != torch.float32 or self.offload is not None:
+                    unit.save_partition(master)
                 loaded = {k: (torch.cat(v) if isinstance(v, list) else (v.clone() if torch.is_tensor(v) else v))
                           for k, v in states.items()}
                 loaded_units[unit] = (master, loaded)

@@ -92,8 +92,18 @@ BASE = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "par
 def test_unsupported_and_conflicting_settings_fail_clearly(tmp_path):
     """Catches features that are switched on but silently ignored, or conflicting inputs accepted."""
     cases = {
-        "offload_param.device": {**BASE, "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}},
-        "offload_optimizer.device": {**BASE, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+        "`zero_optimization.offload_param` offloads stage-3": {
+            **BASE, "zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+        "set `zero_optimization.offload_optimizer.device`": {
+            **BASE, "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}},
+        "`zero_optimization.offload_optimizer.nvme_path` must name": {
+            **BASE, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}},
+        "`zero_optimization.offload_optimizer` needs ZeRO stage 1, 2 or 3": {
+            **BASE, "zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
+        "`zero_optimization.offload_optimizer.ratio`": {
+            **BASE, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+        "zero_optimization.offload_optimizer.nvme_path": {
+            **BASE, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path / "a_file")}}},
         "tensor_parallel.tp_size": {**BASE, "tensor_parallel": {"tp_size": 2}},
         "moe.enabled": {**BASE, "moe": {"enabled": True}},
         "elasticity": {**BASE, "elasticity": {"enabled": True}},
@@ -102,6 +112,7 @@ def test_unsupported_and_conflicting_settings_fail_clearly(tmp_path):
         "zero_allow_untested_optimizer": {**BASE, "optimizer": {"type": "Lamb", "params": {"lr": 1e-3}},
                                           "zero_optimization": {"stage": 1}},
     }
+    (tmp_path / "a_file").write_text("not a folder")
     results = run_distributed(_check_errors, 2, tmp_path, cases)
     for expected, message in results[0].items():
         assert expected in message, (expected, message)

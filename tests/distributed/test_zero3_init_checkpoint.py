@@ -5,8 +5,6 @@ no rank ever holds the whole model, `GatheredParameters`, consolidated 16-bit we
 from __future__ import annotations
 
 import gc
-import os
-import resource
 import traceback
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import shardspeed
 from shardspeed.checkpoint import get_fp32_state_dict_from_zero_checkpoint
 from shardspeed.zero import GatheredParameters, ParameterNotGatheredError
 from shardspeed.zero.param_shards import shard_of
+from tests.memory import current_rss, fixed_mmap_threshold, peak_rss
 from tests.harness import run_distributed
 from tests.models import Deep, TinyNet, make_batches, rank_slice
 
@@ -337,37 +336,12 @@ LAYERS, WIDTH = 8, 2048
 MB = 2 ** 20
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
-
-
-def _current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _stack() -> nn.Module:
     return nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)])
 
 
-def _fixed_mmap_threshold() -> bool:
-    """Serve every allocation above 1 MiB by its own mmap, returned to the OS when freed.
-
-    glibc's default raises its mmap threshold to the size of the first big block freed (a released
-    layer), after which layer-sized tensors come from the heap, whose holes (a whole layer freed, a
-    smaller shard placed in it) keep the resident size near the whole model even though the live
-    tensors are 1/N of it. A fixed threshold makes RSS follow the live tensors.
-    """
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20) == 1  # M_MMAP_THRESHOLD
-    except OSError:
-        return False
-
-
 def _construction_memory() -> dict | None:
-    if not _fixed_mmap_threshold():
+    if not fixed_mmap_threshold():
         return None  # not glibc: the measure would be the allocator's, not zero.Init's
     cfg = _config()
     torch.manual_seed(0)
@@ -376,14 +350,14 @@ def _construction_memory() -> dict | None:
         warm = nn.Linear(256, 256)
     del warm
     gc.collect()
-    before = _peak_rss()
+    before = peak_rss()
     with shardspeed.zero.Init(config_dict_or_path=cfg):
         partitioned = _stack()
-    init_peak_growth = _peak_rss() - before
+    init_peak_growth = peak_rss() - before
     shard_bytes = sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in partitioned.parameters())
-    held = _current_rss()
+    held = current_rss()
     whole = _stack()  # the partitioned model stays alive, so little freed memory is there to reuse
-    whole_growth = _current_rss() - held
+    whole_growth = current_rss() - held
     whole_bytes = sum(p.numel() * p.element_size() for p in whole.parameters())
     return {"init_peak_growth": init_peak_growth, "whole_growth": whole_growth, "shard_bytes": shard_bytes,
             "whole_bytes": whole_bytes, "layer_bytes": whole_bytes // LAYERS}
