@@ -1,0 +1,1 @@
+"""DeepSpeed's module path for activation checkpointing; the implementation is `shardspeed.checkpointing`."""
