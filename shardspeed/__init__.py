@@ -22,7 +22,7 @@ _EXPORTS = {
     "PipeModelDataParallelTopology": "shardspeed.comm.topology",
 }
 _ALIASES = {"DeepSpeedEngine": "ShardspeedEngine", "DeepSpeedConfig": "ShardspeedConfig"}
-_SUBMODULES = {"zero", "comm", "checkpoint", "checkpointing", "ops"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
+_SUBMODULES = {"zero", "comm", "checkpoint", "checkpointing", "ops", "pipe"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, *_SUBMODULES, "__version__"])
 

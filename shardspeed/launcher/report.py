@@ -26,7 +26,7 @@ FEATURES: dict[str, str] = {
     "ZeRO stage 3": AVAILABLE,
     "CPU offload": AVAILABLE,
     "NVMe offload": AVAILABLE,
-    "pipeline parallel": NOT_YET,
+    "pipeline parallel": AVAILABLE,
     "tensor parallel": NOT_YET,
     "MoE": NOT_YET,
     "inference engine": NOT_YET,

@@ -19,6 +19,7 @@ from ..comm.init import init_distributed
 from ..comm.topology import Topology
 from ..config import ConfigError, ResolveContext, load_config
 from ..config.schema import ShardspeedConfig
+from ..pipe import PipelineEngine, PipelineModule
 from ..zero.param_shards import is_partitioned
 from .dataloader import ShardspeedDataLoader
 from .engine import ShardspeedEngine
@@ -51,7 +52,8 @@ def initialize(
         raise NotImplementedError("initialize(mpu=..., mesh_param=...) is not supported yet by shardspeed: model parallelism arrives later")
     raw_config = _pick_config(args, config, config_params)
     init_distributed(distributed_port=distributed_port, dist_init_required=None if not dist.is_initialized() else dist_init_required)
-    topology = Topology.data_parallel()
+    pipeline = isinstance(model, PipelineModule)  # it carries its own topology (pipe x data)
+    topology = model.comm_topology if pipeline else Topology.data_parallel()
     cfg = load_config(raw_config, ResolveContext(topology.axis("data").size, _model_dtype(model), _hidden_size(model)))
     _check_supported(cfg)
     if cfg.log_level:
@@ -66,7 +68,8 @@ def initialize(
         dp = topology.axis("data")
         dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
                                           collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
-    engine = ShardspeedEngine(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
+    engine_class = PipelineEngine if pipeline else ShardspeedEngine
+    engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
 

@@ -53,20 +53,25 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
     if rank == 0:
         write_manifest(partial, {k: v for d in gathered for k, v in d.items()},
                        {"tag": tag, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()})
-        final = root / tag
-        if final.exists():
-            stale = root / f".{tag}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            final.rename(stale)
-            partial.rename(final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            partial.rename(final)
-        fsync_dir(root)
-        if save_latest:
-            atomic_write_bytes(root / LATEST, tag.encode())
+        commit_tag(root, partial, tag, save_latest)
     dist.barrier()
     return True
+
+
+def commit_tag(root: Path, partial: Path, tag: str, save_latest: bool) -> None:
+    """Make the fully written `partial` folder the checkpoint `tag` (replacing an old one), then `latest`."""
+    final = root / tag
+    if final.exists():
+        stale = root / f".{tag}.old"
+        shutil.rmtree(stale, ignore_errors=True)
+        final.rename(stale)
+        partial.rename(final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        partial.rename(final)
+    fsync_dir(root)
+    if save_latest:
+        atomic_write_bytes(root / LATEST, tag.encode())
 
 
 def _model_state(engine: "ShardspeedEngine", module_state: dict[str, Any], client_state: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +80,15 @@ def _model_state(engine: "ShardspeedEngine", module_state: dict[str, Any], clien
         # Tied weights appear under several names; optimizer state is kept under the first one.
         "param_aliases": _aliases(engine.module),
         "buffer_names": [n for n, _ in engine.module.named_buffers(remove_duplicate=False)],
-        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "state_dict") else None,
+        **training_state(engine, client_state),
+    }
+
+
+def training_state(engine: Any, client_state: dict[str, Any]) -> dict[str, Any]:
+    """The schedule, counters and client state a checkpoint's model file carries besides weights."""
+    scheduler = engine.lr_scheduler
+    return {
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None and hasattr(scheduler, "state_dict") else None,
         "global_steps": engine.global_steps,
         "global_samples": engine.global_samples,
         "micro_steps": engine.micro_steps,

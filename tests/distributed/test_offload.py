@@ -154,7 +154,8 @@ def _scenarios(nvme: str, save: str) -> dict[str, Callable[[], Any]]:
 PER_WORLD = {
     1: ["param-cpu-s3-fp32", "param-nvme-s3-fp32", "param-nvme-s3-bf16", "ckpt-param-nvme-s3", "cpu-s1-fp32", "cpu-s2-bf16", "cpu-s3-fp32", "cpu-small-s2-fp32", "cpu-small-s3-bf16", "nvme-s1-bf16",
         "nvme-s2-fp32", "nvme-s3-bf16", "ckpt-nvme-s2", "ckpt-nvme-s3"],
-    2: [f"{kind}-s{stage}-{dtype}" for kind in ("cpu", "cpu-small", "nvme") for stage in (1, 2, 3) for dtype in ("fp32", "bf16")]
+    2: [f"cpu-s{stage}-{dtype}" for stage in (1, 2, 3) for dtype in ("fp32", "bf16")]
+       + [f"cpu-small-s{stage}-fp32" for stage in (1, 2, 3)] + [f"nvme-s{stage}-bf16" for stage in (1, 2, 3)]
        + ["param-cpu-s3-fp32", "param-cpu-s3-bf16", "param-nvme-s3-fp32", "param-nvme-s3-bf16"]
        + ["nvme-unpipelined-s2-bf16", "ckpt-nvme-s2", "ckpt-nvme-s3", "ckpt-param-nvme-s3"],
     4: ["cpu-s2-bf16", "cpu-s3-bf16", "nvme-s3-fp32", "param-nvme-s3-bf16"],
