@@ -167,6 +167,7 @@ class PipelineConfig(StrictModel):
     pipe_partitioned: bool = Field(True, description="Partition activations sent between stages.")
     grad_partitioned: bool = Field(True, description="Partition gradients sent between stages.")
     use_reentrant: bool = Field(True, description="Reentrant activation checkpointing in the pipeline.")
+    schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="shardspeed: the pipeline schedule, 1F1B or GPipe (all forwards, then all backwards).")
 
 
 class TensorParallelConfig(StrictModel):

@@ -80,7 +80,7 @@ class PipelineEngine(ShardspeedEngine):
         next_rank = self.pipe.ranks[self.stage_id + 1] if self.stage_id < self.num_stages - 1 else None
         groups = make_p2p_groups(module.topology().get_axis_comm_lists("pipe"), self.global_rank)
         self.channel = StageChannel(prev_rank, next_rank, self.device, groups)
-        self.pipeline_schedule = "1f1b"
+        self.pipeline_schedule = config.pipeline.schedule
         self.pipe_stats = PipeStats()
         self.data_iterator: Iterator[Any] | None = None
         self.batch_fn: Any = None

@@ -153,8 +153,9 @@ def _pipeline(kind: str, stages: int, gas: int, stage: int = 0, precision: dict 
     net = PipelineModule(_specs(kind), loss_fn=LOSS[kind], num_stages=stages, seed_layers=True, base_seed=seed,
                          partition_method="uniform" if kind == "tied" else "type:block")
     engine, _, _, _ = shardspeed.initialize(model=net, model_parameters=[p for p in net.parameters() if p.requires_grad],
-                                            config=_config(gas, stage, precision, clip))
-    engine.set_pipeline_schedule(schedule)
+                                            config={**_config(gas, stage, precision, clip), "pipeline": {
+                                                **(precision or {}).get("pipeline", {}), "schedule": schedule}})
+    assert engine.pipeline_schedule == schedule
     return engine
 
 
