@@ -196,9 +196,13 @@ class OffloadedOptimizer:
         for i, sg in enumerate(self.sub_groups):
             buf = self._acquire()
             self._fill_master(sg, self._views(sg, buf)[0])
-            self.swap.write(i, buf[:self._layout(sg.numel)[0][0][1]]).wait()
+            self.swap.write(i, buf[:sg.numel * 4]).wait()
             self._free.append(buf)
             sg.master.data = torch.empty(0, dtype=torch.float32)
+
+    def _state_bytes(self, sg: _SubGroup) -> int:
+        """Bytes of a sub-group's swap region to read or write: the master alone until states exist."""
+        return self.footprint[id(sg)] if sg.has_state else sg.numel * 4
 
     def _layout(self, numel: int) -> tuple[list[tuple[int, int]], int]:
         """(byte offset, bytes) of the master and each per-element state in a sub-group's buffer, and the total."""
@@ -340,8 +344,7 @@ class OffloadedOptimizer:
     def _read(self, i: int) -> tuple[torch.Tensor, Any]:
         sg = self.sub_groups[i]
         buf = self._acquire()
-        nbytes = self.footprint[id(sg)] if sg.has_state else self._layout(sg.numel)[0][0][1]
-        return buf, self.swap.read(i, buf[:nbytes])
+        return buf, self.swap.read(i, buf[:self._state_bytes(sg)])
 
     def _retire_write(self) -> None:
         buf, request = self._writes.popleft()
@@ -440,7 +443,7 @@ class OffloadedOptimizer:
                 buf, request = self._read(i)
                 request.wait()
                 self._fill_master(sg, self._views(sg, buf)[0])
-                self.swap.write(i, buf[:self.footprint[id(sg)] if sg.has_state else self._layout(sg.numel)[0][0][1]]).wait()
+                self.swap.write(i, buf[:self._state_bytes(sg)]).wait()
                 self._free.append(buf)
             else:
                 self._fill_master(sg, sg.master.data)

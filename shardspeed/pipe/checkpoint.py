@@ -17,7 +17,6 @@ every rank has written.
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime.checkpoint_io import CheckpointError, load_verified, read_manifest, save_torch, write_manifest
-from ..runtime.model_checkpoint import MODEL_FILE, commit_tag, resolve_tag, training_state
+from ..runtime.model_checkpoint import MODEL_FILE, begin_save, commit_tag, resolve_tag, training_state
 from ..zero.universal import merge_shards
 from .partition import stage_of
 
@@ -43,14 +42,8 @@ def _rank_file(rank: int) -> str:
 
 def save(engine: "PipelineEngine", save_dir: str, tag: str | None, client_state: dict[str, Any],
          save_latest: bool, exclude_frozen: bool) -> bool:
-    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    root, rank = Path(save_dir), engine.global_rank
-    partial = root / f".{tag}.partial"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed save
-        partial.mkdir()
-    dist.barrier()
+    tag, root, partial = begin_save(engine, save_dir, tag)
+    rank = engine.global_rank
     dp_rank = engine.topology.axis("data").rank
     digests: dict[str, str] = {}
     if dp_rank == 0:

@@ -35,15 +35,8 @@ def _rank_file(rank: int) -> str:
 
 def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_state: dict[str, Any],
          save_latest: bool, exclude_frozen: bool) -> bool:
-    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
-    root = Path(save_dir)
+    tag, root, partial = begin_save(engine, save_dir, tag)
     rank = engine.global_rank
-    partial = root / f".{tag}.partial"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed save
-        partial.mkdir()
-    dist.barrier()
     module_state = engine.module_state_dict(exclude_frozen)  # collective at stage 3 (gathers the weights)
     digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
     if rank == 0:
@@ -56,6 +49,19 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
         commit_tag(root, partial, tag, save_latest)
     dist.barrier()
     return True
+
+
+def begin_save(engine: Any, save_dir: str, tag: str | None) -> tuple[str, Path, Path]:
+    """(tag, checkpoint root, empty hidden folder the save is written into); collective."""
+    tag = str(tag) if tag is not None else f"global_step{engine.global_steps}"
+    root = Path(save_dir)
+    partial = root / f".{tag}.partial"
+    if engine.global_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier crashed save
+        partial.mkdir()
+    dist.barrier()
+    return tag, root, partial
 
 
 def commit_tag(root: Path, partial: Path, tag: str, save_latest: bool) -> None:
