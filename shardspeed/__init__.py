@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "initialize": "shardspeed.runtime.initialize",
     "add_config_arguments": "shardspeed.runtime.initialize",
+    "tp_model_init": "shardspeed.runtime.initialize",
     "init_distributed": "shardspeed.comm.init",
     "ShardspeedEngine": "shardspeed.runtime.engine",
     "ShardspeedConfig": "shardspeed.config",
@@ -22,7 +23,7 @@ _EXPORTS = {
     "PipeModelDataParallelTopology": "shardspeed.comm.topology",
 }
 _ALIASES = {"DeepSpeedEngine": "ShardspeedEngine", "DeepSpeedConfig": "ShardspeedConfig"}
-_SUBMODULES = {"zero", "comm", "checkpoint", "checkpointing", "ops", "pipe"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
+_SUBMODULES = {"zero", "comm", "checkpoint", "checkpointing", "ops", "pipe", "tensor_parallel"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, *_SUBMODULES, "__version__"])
 

@@ -104,6 +104,9 @@ def consolidate(checkpoint_dir: PathLike, tag: str | None = None,
     """`get_fp32_state_dict_from_zero_checkpoint`, with the folder it read and a parameter count."""
     folder = checkpoint_folder(Path(checkpoint_dir), tag)
     manifest = read_manifest(folder)
+    if int(manifest.get("tensor_parallel", 1)) > 1:
+        raise CheckpointError(f"checkpoint `{folder}` holds tensor-parallel shards (size {manifest['tensor_parallel']}); "
+                              "zero-to-fp32 does not merge them yet: use engine.save_16bit_model (it gathers the shards)")
     # Masters first: their shards are freed before the module state dict is read.
     masters = read_fp32_masters(folder, manifest)
     model_state = load_verified(folder, MODEL_FILE, manifest)

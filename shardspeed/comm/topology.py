@@ -116,7 +116,8 @@ class Topology:
     in the constructor, which every rank must call in the same order (group creation is collective).
     """
 
-    def __init__(self, grid: ProcessTopology, ep_size: int = 1) -> None:
+    def __init__(self, grid: ProcessTopology, ep_size: int = 1, given: dict[str, AxisGroup] | None = None) -> None:
+        """`given`: groups that already exist for some axes (a Megatron `mpu`'s); the rest are made here."""
         if not dist.is_initialized():
             raise RuntimeError("call shardspeed.init_distributed() before building a Topology")
         if grid.world_size() != dist.get_world_size():
@@ -128,11 +129,47 @@ class Topology:
         self.ep_size = ep_size
         self.global_rank = dist.get_rank()
         self._groups: dict[str, AxisGroup] = {}
+        given = given or {}
         for axis in ("data", "pipe", "model"):
-            self._groups[axis] = self._make(grid.get_axis_comm_lists(axis))
-        data_lists = grid.get_axis_comm_lists("data")
+            self._groups[axis] = given[axis] if axis in given else self._make(grid.get_axis_comm_lists(axis))
+        data_lists = _all_lists(self._groups["data"]) if "data" in given else grid.get_axis_comm_lists("data")
         self._groups["expert"] = self._make([dl[i:i + ep_size] for dl in data_lists for i in range(0, dp, ep_size)])
         self._groups["expert_data"] = self._make([dl[i::ep_size] for dl in data_lists for i in range(ep_size)])
+        # One model replica: the ranks that hold its pipeline stages and tensor shards. A gradient
+        # norm adds its squares over this group (after the data-parallel reduction).
+        replicas = [sorted(r for dl in data_lists for r in dl[i:i + 1]) for i in range(dp)]
+        self._groups["model_parallel"] = self._make(replicas)
+
+    @classmethod
+    def from_mpu(cls, mpu: Any) -> "Topology":
+        """The groups of a Megatron-style model-parallel unit (`initialize(mpu=...)`).
+
+        Reads `get_data_parallel_group`, `get_tensor_model_parallel_group` (or the older
+        `get_model_parallel_group`) and, when present, `get_pipeline_model_parallel_group`.
+        """
+        def group_of(*names: str) -> dist.ProcessGroup | None:
+            for name in names:
+                if callable(getattr(mpu, name, None)):
+                    return getattr(mpu, name)()
+            return None
+
+        data = group_of("get_data_parallel_group")
+        if data is None:
+            raise TypeError(f"mpu {type(mpu).__name__} has no get_data_parallel_group(); it must follow Megatron's mpu interface")
+        tensor = group_of("get_tensor_model_parallel_group", "get_model_parallel_group")
+        pipe = group_of("get_pipeline_model_parallel_group")
+        given = {"data": axis_of_group(data)}
+        if tensor is not None:
+            given["model"] = axis_of_group(tensor)
+        if pipe is not None:
+            given["pipe"] = axis_of_group(pipe)
+        world = dist.get_world_size()
+        dp = given["data"].size
+        tp = given["model"].size if "model" in given else 1
+        pp = given["pipe"].size if "pipe" in given else 1
+        if dp * tp * pp != world:
+            raise ValueError(f"mpu groups do not tile the job: data {dp} x tensor {tp} x pipeline {pp} != world size {world}")
+        return cls(PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp), given=given)
 
     @classmethod
     def data_parallel(cls) -> "Topology":
@@ -153,13 +190,28 @@ class Topology:
         return mine
 
     def axis(self, name: str) -> AxisGroup:
-        """This rank's group on axis `name` (data|dp, pipe|pp, tensor|tp|model, expert|ep, expert_data)."""
+        """This rank's group on axis `name` (data|dp, pipe|pp, tensor|tp|model, expert|ep, expert_data, model_parallel)."""
         key = {"ep": "expert"}.get(name, _AXIS_ALIASES.get(name, name))
         if key not in self._groups:
-            raise KeyError(f"unknown parallel axis {name!r}; known: data, pipe, tensor, expert, expert_data")
+            raise KeyError(f"unknown parallel axis {name!r}; known: data, pipe, tensor, expert, expert_data, model_parallel")
         return self._groups[key]
 
     def describe(self) -> str:
         """'dp=2 pp=1 tp=1 ep=1', for log lines."""
         g = self.grid
         return f"dp={g.get_dim('data')} pp={g.get_dim('pipe')} tp={g.get_dim('model')} ep={self.ep_size}"
+
+
+def axis_of_group(group: dist.ProcessGroup) -> AxisGroup:
+    """An existing process group as an AxisGroup (this rank must belong to it)."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if dist.get_rank() not in ranks:
+        raise ValueError(f"rank {dist.get_rank()} is not in the process group {ranks} it was given")
+    return AxisGroup(group, ranks, ranks.index(dist.get_rank()))
+
+
+def _all_lists(axis: AxisGroup) -> list[list[int]]:
+    """Every rank's group on one axis, in first-rank order (collective)."""
+    everyone: list[tuple[int, ...]] = [() for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, axis.ranks)
+    return [list(r) for r in sorted(set(everyone))]

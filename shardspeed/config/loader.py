@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from .batch import complete_batch_sizes
 from .errors import ConfigError, unknown_key_message
 from .schema import UNIMPLEMENTED_SECTIONS, ShardspeedConfig
+from .sections import TensorParallelConfig
 
 AUTO = "auto"
 
@@ -181,6 +182,20 @@ def check_unimplemented(cfg: ShardspeedConfig) -> None:
             raise ConfigError(f"config section `{name}` is not supported yet by shardspeed; remove it or set `{name}.enabled` to false")
     if cfg.fp16.enabled and cfg.bf16.enabled:
         raise ConfigError("`fp16.enabled` and `bf16.enabled` are both true; enable at most one")
+
+
+def tensor_parallel_size(raw: dict[str, Any]) -> int:
+    """The AutoTP degree a raw config asks for (1 when off or malformed: `load_config` reports the latter).
+
+    Read ahead of `load_config` because the data-parallel size that resolves batch sizes depends on it.
+    """
+    section = raw.get("tensor_parallel")
+    if not isinstance(section, dict):
+        return 1
+    try:
+        return max(1, TensorParallelConfig.model_validate(section).autotp_size)
+    except ValidationError:
+        return 1
 
 
 def load_config(config: dict[str, Any] | str | os.PathLike[str], ctx: ResolveContext | None = None) -> ShardspeedConfig:

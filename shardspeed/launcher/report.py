@@ -27,7 +27,7 @@ FEATURES: dict[str, str] = {
     "CPU offload": AVAILABLE,
     "NVMe offload": AVAILABLE,
     "pipeline parallel": AVAILABLE,
-    "tensor parallel": NOT_YET,
+    "tensor parallel": AVAILABLE,
     "MoE": NOT_YET,
     "inference engine": NOT_YET,
 }

@@ -6,8 +6,8 @@ One `train_batch()`:
      neighbouring stages with point-to-point messages; no data-parallel communication yet;
   2. tied weights' gradients summed over the stages that hold them;
   3. gradients reduced over the data-parallel axis by the engine's ZeRO strategy (stage 0 or 1);
-  4. unscale, overflow check and clipping on the norm of the whole pipeline, optimizer step,
-     LR step (`clipping.step_with_pipeline_norm`).
+  4. unscale, overflow check and clipping on the norm of the whole pipeline (the strategy's
+     NormScope adds the stages' squares, a tied weight counted once), optimizer step, LR step.
 What each rank holds: its stage's layers, their gradients and (ZeRO-1: its data-parallel share
 of) their optimizer states. Every stage must call `train_batch`; only the first stage reads the
 inputs and only the last the labels, but both pull one item per micro batch from their iterator.
@@ -28,7 +28,6 @@ from ..config.schema import ShardspeedConfig
 from ..runtime.engine import BACKWARD, FORWARD, STEP, ShardspeedEngine
 from ..runtime.loss_scaler import LossScaler
 from . import checkpoint as pipe_checkpoint
-from .clipping import step_with_pipeline_norm
 from .module import PipelineError, PipelineModule
 from .p2p import Activation, StageChannel, floating, make_p2p_groups
 from .schedule import FORWARD as FWD, SCHEDULES, Step, inference
@@ -84,11 +83,14 @@ class PipelineEngine(ShardspeedEngine):
         self.pipe_stats = PipeStats()
         self.data_iterator: Iterator[Any] | None = None
         self.batch_fn: Any = None
-        self._duplicates = module.duplicate_parameters()
         if config.pipeline.activation_checkpoint_interval > 0:
             module.activation_checkpoint_interval = config.pipeline.activation_checkpoint_interval
         if training_dataloader is not None and self._reads_data():
             self.data_iterator = _repeat(training_dataloader)
+
+    def _counted_elsewhere(self) -> set[torch.nn.Parameter]:
+        """Besides tensor-parallel replicas: a tied weight's copies on later stages (the first stage counts it)."""
+        return super()._counted_elsewhere() | self.module.duplicate_parameters()
 
     # ---- DeepSpeed's pipeline accessors ----------------------------------------------------------
     def is_first_stage(self) -> bool:
@@ -155,8 +157,7 @@ class PipelineEngine(ShardspeedEngine):
         self._reduce_data_parallel()
         loss = self._broadcast_loss(self._mean_over_data_parallel(run.results) if self.is_last_stage() else None)
         self.timers(STEP).start()
-        result = step_with_pipeline_norm(self.strategy, self._duplicates, self.pipe, self.loss_scaler.loss_scale,
-                                         self.config.gradient_clipping)
+        result = self.strategy.step(self.config.gradient_clipping)  # clipped on the whole pipeline's norm (NormScope)
         self.strategy.zero_grad()
         self.timers(STEP).stop()
         self.micro_steps += self.micro_batches

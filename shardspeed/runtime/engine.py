@@ -24,7 +24,10 @@ from ..comm.topology import Topology
 from ..config.schema import ShardspeedConfig
 from ..monitor import MonitorMaster, WallClockTimers
 from ..offload.optimizer_offload import TIMER_NAMES as OFFLOAD_TIMERS
+from ..tensor_parallel.consolidate import full_state_dict
+from ..tensor_parallel.layers import is_tensor_parallel
 from ..zero import StepResult, ZeroStrategy, build_zero_strategy
+from ..zero.base import NormScope
 from . import model_checkpoint as checkpointing
 from .loss_scaler import LossScaler
 
@@ -57,7 +60,7 @@ class ShardspeedEngine(torch.nn.Module):
         self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
         # Stage 3 partitions parameters even without an optimizer (inference, frozen reference models).
         self.strategy: ZeroStrategy | None = (
-            build_zero_strategy(config, module, optimizer, topology, loss_scaler, self.timers)
+            build_zero_strategy(config, module, optimizer, topology, loss_scaler, self.timers, self._norm_scope())
             if optimizer is not None or config.zero_stage == 3 else None
         )
         self.optimizer = optimizer
@@ -71,6 +74,17 @@ class ShardspeedEngine(torch.nn.Module):
         self._window_losses: list[torch.Tensor] = []
         self._last_print = (time.perf_counter(), 0)
         self.monitor = MonitorMaster(config.tensorboard, config.csv_monitor, config.wandb, rank=self.global_rank)
+
+    def _norm_scope(self) -> NormScope:
+        """The gradient norm spans this rank's model replica (pipeline stages, tensor shards)."""
+        replica = self.topology.axis("model_parallel")
+        return NormScope(replica.group if replica.size > 1 else None, frozenset(self._counted_elsewhere()))
+
+    def _counted_elsewhere(self) -> set[torch.nn.Parameter]:
+        """Parameters whose gradient another rank of the replica counts: tensor-parallel rank 0 counts the replicated ones."""
+        if self.topology.axis("tensor").rank == 0:
+            return set()
+        return {p for p in self.module.parameters() if not is_tensor_parallel(p)}
 
     # ---- DeepSpeed-named accessors, read from the typed config ------------------------------
     def train_batch_size(self) -> int:
@@ -275,9 +289,24 @@ class ShardspeedEngine(torch.nn.Module):
         if self._partitions_parameters:
             state = self.strategy.consolidated_state_dict(exclude_frozen_parameters)
             return state if self.global_rank == 0 else None
+        if self.topology.axis("tensor").size > 1:
+            state = self.whole_module_state_dict(exclude_frozen_parameters)
+            return {k: v.detach().clone() for k, v in state.items()} if self.global_rank == 0 else None
         if self.global_rank != 0:
             return None
         return {k: v.detach().clone() for k, v in self.module_state_dict(exclude_frozen_parameters).items()}
+
+    def whole_module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+        """Whole weights, as the unsharded model names and shapes them: tensor-parallel shards are
+        gathered (every rank must call it; all get the whole), stage 3 as `module_state_dict`."""
+        tp = self.topology.axis("tensor")
+        if tp.size == 1:
+            return self.module_state_dict(exclude_frozen_parameters)
+        state = full_state_dict(self.module, tp)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
 
     def load_module_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load whole weights into the module (at stage 3: into every rank's shards)."""

@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from ..accelerator import get_accelerator
 from ..comm.init import init_distributed
-from ..comm.topology import Topology
-from ..config import ConfigError, ResolveContext, load_config
+from ..comm.topology import PipeModelDataParallelTopology, Topology
+from ..config import ConfigError, ResolveContext, load_config, read_config, tensor_parallel_size
 from ..config.schema import ShardspeedConfig
 from ..pipe import PipelineEngine, PipelineModule
+from ..tensor_parallel import auto_tp
 from ..zero.param_shards import is_partitioned
 from .dataloader import ShardspeedDataLoader
 from .engine import ShardspeedEngine
@@ -48,12 +49,12 @@ def initialize(
     """Wrap `model` for training; returns (engine, optimizer, training_dataloader, lr_scheduler)."""
     if model is None:
         raise ValueError("shardspeed.initialize needs model=")
-    if mpu is not None or mesh_param is not None:
-        raise NotImplementedError("initialize(mpu=..., mesh_param=...) is not supported yet by shardspeed: model parallelism arrives later")
-    raw_config = _pick_config(args, config, config_params)
+    if mesh_param is not None:
+        raise NotImplementedError("initialize(mesh_param=...) (sequence-parallel meshes) is not supported yet by shardspeed")
+    raw_config = read_config(_pick_config(args, config, config_params))
     init_distributed(distributed_port=distributed_port, dist_init_required=None if not dist.is_initialized() else dist_init_required)
-    pipeline = isinstance(model, PipelineModule)  # it carries its own topology (pipe x data)
-    topology = model.comm_topology if pipeline else Topology.data_parallel()
+    pipeline = isinstance(model, PipelineModule)
+    topology = _topology(model, mpu, tensor_parallel_size(raw_config))
     cfg = load_config(raw_config, ResolveContext(topology.axis("data").size, _model_dtype(model), _hidden_size(model)))
     _check_supported(cfg)
     if cfg.log_level:
@@ -72,6 +73,58 @@ def initialize(
     engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
+
+
+def _topology(model: torch.nn.Module, mpu: Any, tp_size: int) -> Topology:
+    """The parallel axes: a PipelineModule's own, an mpu's groups, a `tp_model_init` model's, AutoTP's, or data parallel.
+
+    AutoTP shards the model here (collective), before it is cast and placed.
+    """
+    if isinstance(model, PipelineModule):
+        if mpu is not None or tp_size > 1:
+            raise ConfigError("a PipelineModule carries its own topology: tensor parallelism inside pipeline stages "
+                              "(mpu= or `tensor_parallel.autotp_size`) is not supported yet by shardspeed")
+        return model.comm_topology
+    if mpu is not None:  # the model is sharded already; a tensor_parallel size in the config only describes it
+        topology = Topology.from_mpu(mpu)
+        if tp_size > 1 and tp_size != topology.axis("tensor").size:
+            raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but the mpu's tensor-parallel group has "
+                              f"{topology.axis('tensor').size} ranks; make them agree or remove the key")
+        return topology
+    prepared = getattr(model, "shardspeed_topology", None)  # set by shardspeed.tp_model_init
+    if prepared is not None:
+        if tp_size > 1 and tp_size != prepared.axis("tensor").size:
+            raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but tp_model_init sharded the model "
+                              f"{prepared.axis('tensor').size} ways; make them agree")
+        return prepared
+    if tp_size > 1:
+        topology = tensor_parallel_topology(tp_size)
+        auto_tp(model, topology.axis("tensor"))
+        return topology
+    return Topology.data_parallel()
+
+
+def tensor_parallel_topology(tp_size: int) -> Topology:
+    """data x tensor over the whole job, tensor-parallel peers adjacent (DeepSpeed's order)."""
+    world = dist.get_world_size()
+    if tp_size < 1 or world % tp_size:
+        raise ConfigError(f"`tensor_parallel.autotp_size` {tp_size} must divide the world size {world}")
+    return Topology(PipeModelDataParallelTopology(num_pp=1, num_mp=tp_size, num_dp=world // tp_size))
+
+
+def tp_model_init(model: torch.nn.Module, tp_size: int, dtype: torch.dtype | None = None, config: Any = None) -> torch.nn.Module:
+    """DeepSpeed's `tp_model_init`: shard a Hugging Face GPT-2 / Llama model `tp_size` ways now (AutoTP).
+
+    Pass the model to `initialize` afterwards; it keeps the topology made here. `config` is
+    accepted for DeepSpeed's signature and unused.
+    """
+    init_distributed()
+    topology = tensor_parallel_topology(tp_size)
+    auto_tp(model, topology.axis("tensor"))
+    if dtype is not None:
+        model.to(dtype)
+    model.shardspeed_topology = topology
+    return model
 
 
 def _pick_config(args: Any, config: Any, config_params: Any) -> Any:
@@ -111,7 +164,9 @@ def _hidden_size(model: torch.nn.Module) -> int | None:
 def _check_supported(cfg: ShardspeedConfig) -> None:
     """Refuse switched-on features that later versions bring, rather than ignoring them."""
     pending = {
-        "tensor_parallel.tp_size": cfg.tensor_parallel.autotp_size > 1,
+        "tensor_parallel.tp_overlap_comm": cfg.tensor_parallel.tp_overlap_comm,
+        "tensor_parallel.preset_model": cfg.tensor_parallel.preset_model is not None,
+        "tensor_parallel.partition_config": cfg.tensor_parallel.partition_config is not None,
         "moe.enabled": cfg.moe.enabled,
         "moe_expert_parallel_size": cfg.moe_expert_parallel_size > 1,
         "flops_profiler.enabled": cfg.flops_profiler.enabled,

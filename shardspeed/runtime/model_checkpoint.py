@@ -4,6 +4,7 @@
       latest                      the newest complete tag (replaced last, atomically)
       <tag>/manifest.json         SHA-256 of every file below
       <tag>/mp_rank_00_model_states.pt   module, counters, LR schedule, client state (rank 0)
+      <tag>/mp_rank_<t>_model_states.pt  the same for tensor-parallel shard t (its data-parallel rank 0)
       <tag>/rank_<r>_states.pt    this rank's optimizer-side state and RNG states
 
 A save goes to `save_dir/.<tag>.partial`, which rank 0 renames to `<tag>` once every rank has
@@ -29,6 +30,11 @@ MODEL_FILE = "mp_rank_00_model_states.pt"
 LATEST = "latest"
 
 
+def model_file(tp_rank: int) -> str:
+    """DeepSpeed's name for the module file of tensor-parallel shard `tp_rank`."""
+    return f"mp_rank_{tp_rank:02d}_model_states.pt"
+
+
 def _rank_file(rank: int) -> str:
     return f"rank_{rank}_states.pt"
 
@@ -37,15 +43,17 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
          save_latest: bool, exclude_frozen: bool) -> bool:
     tag, root, partial = begin_save(engine, save_dir, tag)
     rank = engine.global_rank
+    tp = engine.topology.axis("tensor")
     module_state = engine.module_state_dict(exclude_frozen)  # collective at stage 3 (gathers the weights)
     digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
+    if engine.topology.axis("data").rank == 0:  # one module file per tensor-parallel shard
+        digests[model_file(tp.rank)] = save_torch(_model_state(engine, module_state, client_state), partial / model_file(tp.rank))
+    gathered: list[tuple[dict[str, str], int]] = [({}, 0) for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, (digests, tp.rank))
     if rank == 0:
-        digests[MODEL_FILE] = save_torch(_model_state(engine, module_state, client_state), partial / MODEL_FILE)
-    gathered: list[dict[str, str]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, digests)
-    if rank == 0:
-        write_manifest(partial, {k: v for d in gathered for k, v in d.items()},
-                       {"tag": tag, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()})
+        write_manifest(partial, {k: v for d, _ in gathered for k, v in d.items()},
+                       {"tag": tag, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
+                        "tensor_parallel": tp.size, "tp_ranks": [t for _, t in gathered]})
         commit_tag(root, partial, tag, save_latest)
     dist.barrier()
     return True
@@ -119,8 +127,9 @@ def _aliases(module: torch.nn.Module) -> dict[str, str]:
 def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
     state: dict[str, Any] = {
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+        # A replicated state is the same on every data-parallel rank: its rank 0 (per tensor shard) saves it.
         "optimizer": engine.strategy.state_dict() if engine.optimizer is not None and (
-            not engine.strategy.replicated or engine.global_rank == 0) else None,
+            not engine.strategy.replicated or engine.topology.axis("data").rank == 0) else None,
         "dataloader": engine.training_dataloader.state_dict() if engine.training_dataloader is not None else None,
     }
     if torch.cuda.is_available():
@@ -157,19 +166,27 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder `{folder}` does not exist (tag {tag!r})")
     manifest = read_manifest(folder)
-    model_state = load_verified(folder, MODEL_FILE, manifest)
+    tp = engine.topology.axis("tensor")
+    saved_tp = int(manifest.get("tensor_parallel", 1))
+    if saved_tp != tp.size:
+        raise CheckpointError(f"checkpoint `{folder}` was saved with tensor-parallel size {saved_tp} but this run has "
+                              f"{tp.size}; load it with `tensor_parallel.autotp_size` {saved_tp} (its data-parallel size may differ)")
+    model_state = load_verified(folder, model_file(tp.rank), manifest)
     engine.load_module_state_dict(model_state["module"], strict=strict)
     if engine.strategy is not None:
         engine.strategy.sync_masters_from_model()
     if load_module_only:
         return str(folder), model_state["client_state"]
     saved_world = int(manifest.get("world_size", 1))
-    own = engine.global_rank if engine.global_rank < saved_world else 0
+    # The saved ranks that held this rank's tensor shard (all of them without tensor parallelism).
+    tp_ranks = manifest.get("tp_ranks") or [0] * saved_world
+    peers = [r for r in range(saved_world) if tp_ranks[r] == tp.rank]
+    own = engine.global_rank if engine.global_rank in peers else peers[0]
     if load_optimizer_states and engine.optimizer is not None:
-        # Any saved layout: gather every saved rank's shard into per-parameter state, keep ours.
-        states = [load_verified(folder, _rank_file(r), manifest) for r in range(saved_world)]
+        # Any saved data-parallel layout: gather the peers' shards into per-parameter state, keep ours.
+        states = {r: load_verified(folder, _rank_file(r), manifest) for r in peers}
         rank_state = states[own]
-        engine.strategy.load_universal(merge_shards([s["optimizer"] for s in states]))
+        engine.strategy.load_universal(merge_shards([s["optimizer"] for s in states.values()]))
         del states
     else:
         rank_state = load_verified(folder, _rank_file(own), manifest)
@@ -195,7 +212,8 @@ def _restore_rng(rng: dict[str, Any]) -> None:
 
 
 def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, exclude_frozen: bool) -> bool:
-    """The module's weights in their training dtype, as one torch file written by rank 0.
+    """The module's weights in their training dtype, as one torch file written by rank 0
+    (tensor-parallel shards gathered: the file loads into the unsharded model).
 
     At stage 3 the weights are gathered only when `stage3_gather_16bit_weights_on_model_save` is
     set; otherwise nothing is written and False is returned, as DeepSpeed does.
@@ -209,7 +227,7 @@ def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, e
                 "to gather stage-3 weights on save (or use save_checkpoint and `shardspeed zero-to-fp32`)",
                 Path(save_dir) / filename)
         return False
-    whole = engine.module_state_dict(exclude_frozen)  # collective at stage 3
+    whole = engine.whole_module_state_dict(exclude_frozen)  # collective at stage 3 and under tensor parallelism
     if engine.global_rank == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in whole.items()}

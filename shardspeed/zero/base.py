@@ -6,7 +6,7 @@ optimizer states live and how gradients are combined across data-parallel ranks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +21,26 @@ class StepResult:
     applied: bool  # False when an overflow skipped the step
     overflow: bool
     grad_norm: float  # global norm of the unscaled gradients, before clipping
+
+
+@dataclass(frozen=True)
+class NormScope:
+    """How far a gradient norm reaches beyond the data-parallel axis (model parallelism).
+
+    Under pipeline or tensor parallelism one model replica spans several ranks, so the norm that
+    clipping and the overflow check use adds their squares over `group`. A gradient that two of
+    them hold is counted by one only: `counted_elsewhere` lists this rank's parameters that
+    another rank of `group` counts (a tied weight's copy on a later stage, the layer norms and
+    biases every tensor-parallel rank replicates). Summing over the group also carries an inf/nan
+    on one rank to all, so every rank skips an overflowing step together.
+    """
+
+    group: dist.ProcessGroup | None = None  # None: the replica is this rank alone
+    counted_elsewhere: frozenset[torch.nn.Parameter] = field(default_factory=frozenset)
+
+    @property
+    def spans_ranks(self) -> bool:
+        return self.group is not None or bool(self.counted_elsewhere)
 
 
 class ZeroStrategy(Protocol):
@@ -58,8 +78,10 @@ class ZeroStrategy(Protocol):
         """Remove hooks from the module (the engine is being destroyed)."""
 
 
-def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The L2 norm of all `grads` in fp32; with `group`, the squared sums are added across it first."""
+def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None,
+              model_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The L2 norm of all `grads` in fp32; the squared sums are first added across `group` (data
+    parallel) and then across `model_group` (the rest of the model replica), where given."""
     if grads:
         # Accumulates in fp32 without an fp32 copy of 16-bit gradients (that copy would be 2x their size at once).
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
@@ -68,6 +90,8 @@ def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None)
         squared = torch.zeros((), dtype=torch.float32)
     if group is not None:
         dist.all_reduce(squared, group=group)
+    if model_group is not None:
+        dist.all_reduce(squared, group=model_group)
     return squared.sqrt()
 
 
@@ -84,14 +108,15 @@ def clip_factor(norm: float, max_norm: float) -> float:
 
 
 def unscale_and_clip_factor(grads: list[torch.Tensor], loss_scaler: Any, group: dist.ProcessGroup | None,
-                            check_overflow: bool, max_norm: float) -> tuple[StepResult, float]:
+                            check_overflow: bool, max_norm: float,
+                            model_group: dist.ProcessGroup | None = None) -> tuple[StepResult, float]:
     """The step's verdict from disjoint gradient partitions, and the factor to multiply them by.
 
     Partitions are disjoint: their squared norms add up across ranks to the global norm, and an
     inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
     """
     scale = loss_scaler.loss_scale
-    norm = grad_norm(grads, group=group).item() / scale
+    norm = grad_norm(grads, group=group, model_group=model_group).item() / scale
     overflow = check_overflow and not math.isfinite(norm)
     loss_scaler.update_scale(overflow)
     if overflow:
@@ -100,10 +125,15 @@ def unscale_and_clip_factor(grads: list[torch.Tensor], loss_scaler: Any, group: 
 
 
 def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float) -> StepResult:
-    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions."""
+                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float,
+                    norm_grads: list[torch.Tensor] | None = None, model_group: dist.ProcessGroup | None = None) -> StepResult:
+    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions.
+
+    `norm_grads`: what the norm is taken over when it is not all of `grads` (see NormScope).
+    """
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
-    result, factor = unscale_and_clip_factor(grads, loss_scaler, group, check_overflow, max_norm)
+    result, factor = unscale_and_clip_factor(grads if norm_grads is None else norm_grads, loss_scaler, group,
+                                             check_overflow, max_norm, model_group)
     if not result.applied:
         return result
     for master, grad in zip(masters, grads):

@@ -12,7 +12,7 @@ from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
 from ..offload.optimizer_offload import OffloadedOptimizer, Segment
 from ..runtime.loss_scaler import LossScaler
-from .base import ZeroStrategy
+from .base import NormScope, ZeroStrategy
 from .param_shards import is_partitioned
 from .partitioned import PartitionedOptimizer
 from .stage3 import Stage3Optimizer
@@ -29,7 +29,9 @@ def build_zero_strategy(
     topology: Topology,
     loss_scaler: LossScaler,
     timers: Any = None,
+    norm_scope: NormScope = NormScope(),
 ) -> ZeroStrategy:
+    """`norm_scope`: how the gradient norm spans a model replica split over ranks (pipeline, tensor parallel)."""
     zero = cfg.zero_optimization
     _check_param_offload(cfg)
     offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
@@ -40,6 +42,10 @@ def build_zero_strategy(
         raise ConfigError(f"the model was built under shardspeed.zero.Init (its parameters are partitioned) but "
                           f"`zero_optimization.stage` is {zero.stage}; set it to 3")
     if zero.stage == 3:
+        if norm_scope.spans_ranks:
+            raise ConfigError("`zero_optimization.stage` 3 does not compose with tensor or pipeline parallelism in shardspeed "
+                              "(as in DeepSpeed's AutoTP training: stages 0-2); set `zero_optimization.stage` to 1 or 2, "
+                              "or `tensor_parallel.autotp_size` to 1")
         if optimizer is not None:
             _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
         return Stage3Optimizer(
@@ -62,7 +68,7 @@ def build_zero_strategy(
             # gloo's reduce-scatter is an all-reduce underneath: one all-reduce is the cheaper way there.
             reduce_scatter=zero.reduce_scatter and dist.get_backend(dp.group) != "gloo",
             overlap_comm=zero.overlap_comm_resolved, check_overflow=check_overflow,
-            comm_dtype=comm_dtype, predivide=predivide, offload=offload,
+            comm_dtype=comm_dtype, predivide=predivide, offload=offload, norm_scope=norm_scope,
         )
     if offload is not None:
         raise ConfigError("`zero_optimization.offload_optimizer` needs ZeRO stage 1, 2 or 3 (it offloads the partitioned "
@@ -70,7 +76,7 @@ def build_zero_strategy(
     return ReplicatedOptimizer(
         module, optimizer, topology.axis("data"), loss_scaler,
         bucket_elements=zero.reduce_bucket_size, check_overflow=check_overflow,
-        comm_dtype=comm_dtype, predivide=predivide,
+        comm_dtype=comm_dtype, predivide=predivide, norm_scope=norm_scope,
     )
 
 

@@ -22,7 +22,7 @@ from ..comm.collectives import all_gather_partitions
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
 from ..offload.optimizer_offload import OffloadedOptimizer, Segment
-from .base import StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
+from .base import NormScope, StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
 from .layout import GroupLayout, build_layout
 from .partitioned_grads import PartitionedGradients
 from .universal import restore_hyperparams, shard_header, snapshot_state
@@ -47,8 +47,10 @@ class PartitionedOptimizer:
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
         offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None = None,
+        norm_scope: NormScope = NormScope(),
     ) -> None:
         self.optimizer = optimizer
+        self.norm_scope = norm_scope
         self.offloading = offload is not None
         self.dp = dp
         self.loss_scaler = loss_scaler
@@ -105,16 +107,38 @@ class PartitionedOptimizer:
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
+    def _norm_grads(self) -> list[torch.Tensor] | None:
+        """Views of this rank's gradient partitions without the parameters another rank counts (None: all of them)."""
+        elsewhere = self.norm_scope.counted_elsewhere
+        if not elsewhere:
+            return None
+        views = []
+        for partition, layout, params in zip(self.grads.partitions, self.layouts, self.group_params):
+            start, end = layout.partition(self.dp.rank)
+            cursor = start  # views cover [start, end) except the slots of `elsewhere` parameters
+            for slot, p in zip(layout.slots, params):
+                lo, hi = max(start, slot.offset), min(end, slot.end)
+                if p in elsewhere and lo < hi:
+                    if cursor < lo:
+                        views.append(partition[cursor - start:lo - start])
+                    cursor = hi
+            if cursor < end:
+                views.append(partition[cursor - start:end - start])
+        return views
+
     def step(self, max_norm: float) -> StepResult:
+        dp_group = self.dp.group if self.dp.size > 1 else None
+        model_group = self.norm_scope.group
         if self.offload is not None:
-            result, factor = unscale_and_clip_factor(self.grads.partitions, self.loss_scaler, self.dp.group if self.dp.size > 1 else None,
-                                                     self.check_overflow, max_norm)
+            norm_grads = self._norm_grads()
+            result, factor = unscale_and_clip_factor(self.grads.partitions if norm_grads is None else norm_grads,
+                                                     self.loss_scaler, dp_group, self.check_overflow, max_norm, model_group)
             if result.applied:
                 self.offload.step(factor)
                 self._all_gather()
             return result
-        result = step_partitions(self.optimizer, self.masters, self.grads.partitions, self.loss_scaler,
-                                 self.dp.group if self.dp.size > 1 else None, self.check_overflow, max_norm)
+        result = step_partitions(self.optimizer, self.masters, self.grads.partitions, self.loss_scaler, dp_group,
+                                 self.check_overflow, max_norm, self._norm_grads(), model_group)
         if not result.applied:
             return result
         for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):

@@ -14,7 +14,7 @@ import torch
 from ..comm.grad_buckets import GradientBucketReducer
 from ..comm.topology import AxisGroup
 from ..runtime.loss_scaler import LossScaler
-from .base import StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
+from .base import NormScope, StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
@@ -31,8 +31,10 @@ class ReplicatedOptimizer:
         check_overflow: bool,
         comm_dtype: torch.dtype | None = None,
         predivide: float | None = None,
+        norm_scope: NormScope = NormScope(),
     ) -> None:
         self.optimizer = optimizer
+        self.norm_scope = norm_scope
         self.loss_scaler = loss_scaler
         self.check_overflow = check_overflow
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -49,9 +51,9 @@ class ReplicatedOptimizer:
     def step(self, max_norm: float) -> StepResult:
         grads = self._master_grads()
         scale = self.loss_scaler.loss_scale
-        # Gradients are identical on every rank after the all-reduce (an inf/nan anywhere becomes
-        # inf/nan everywhere), so each rank reaches the same overflow verdict without a collective.
-        norm = grad_norm(grads).item() / scale
+        # Gradients are identical on every data-parallel rank after the all-reduce (an inf/nan
+        # anywhere becomes inf/nan everywhere): only the model-parallel part of the norm needs a collective.
+        norm = grad_norm(self._norm_grads(grads), model_group=self.norm_scope.group).item() / scale
         overflow = self.check_overflow and not math.isfinite(norm)
         self.loss_scaler.update_scale(overflow)
         if overflow:
@@ -65,6 +67,14 @@ class ReplicatedOptimizer:
             torch._foreach_copy_([p.data for p in self.masters], list(self.masters.values()))
             self._drop_master_grads()
         return StepResult(applied=True, overflow=False, grad_norm=norm)
+
+    def _norm_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`grads` (as `_master_grads` returns them) less those another rank counts in the norm."""
+        elsewhere = self.norm_scope.counted_elsewhere
+        if not elsewhere:
+            return grads
+        with_grad = [p for p in self.params if p.grad is not None] if not self.masters else list(self.masters)
+        return [g for p, g in zip(with_grad, grads) if p not in elsewhere]
 
     def _master_grads(self) -> list[torch.Tensor]:
         if not self.masters:

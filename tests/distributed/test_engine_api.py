@@ -104,7 +104,8 @@ def test_unsupported_and_conflicting_settings_fail_clearly(tmp_path):
             **BASE, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
         "zero_optimization.offload_optimizer.nvme_path": {
             **BASE, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path / "a_file")}}},
-        "tensor_parallel.tp_size": {**BASE, "tensor_parallel": {"tp_size": 2}},
+        "tensor_parallel.tp_overlap_comm": {**BASE, "tensor_parallel": {"tp_overlap_comm": True}},
+        "AutoTP supports Hugging Face model types gpt2, llama": {**BASE, "tensor_parallel": {"tp_size": 2}},
         "moe.enabled": {**BASE, "moe": {"enabled": True}},
         "elasticity": {**BASE, "elasticity": {"enabled": True}},
         "optimizer.params.lr": {**BASE, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
