@@ -114,6 +114,8 @@ def _autotp(kind: str, stage: int, tp: int = 2, gas: int = 2, bf16: bool = False
     out["dp_rank"] = dp.rank
     out["weights"] = engine.whole_module_state_dict()
     out["reference"] = _reference(lambda: _hf_model(kind), _hf_loss, dp.size, gas)
+    if bf16:
+        out["initial"] = _hf_model(kind).state_dict()
     out["shard_numel"] = sum(p.numel() for p in engine.module.parameters())
     out["full_numel"] = sum(p.numel() for p in _hf_model(kind).parameters())
     return out
@@ -430,8 +432,11 @@ def test_bf16_tensor_parallel_tracks_fp32_plain_training(runs: ScenarioRuns) -> 
         for key, loss in r["losses"].items():
             assert loss == pytest.approx(ref["losses"][key], rel=2e-2), key
         torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(ref["norms"]), rtol=5e-2, atol=0)
-        for key, value in ref["weights"].items():
-            torch.testing.assert_close(r["weights"][key].float(), value, rtol=0, atol=2e-2, msg=key)
+        # The weights moved as fp32 training moved them, up to bf16 noise (6 % measured; a missing
+        # all-reduce or a wrong shard is ~100 %): compare the updates, not the weights themselves.
+        moved = {k: v - r["initial"][k] for k, v in ref["weights"].items()}
+        off = sum(((r["weights"][k].float() - r["initial"][k]) - d).square().sum() for k, d in moved.items())
+        assert (off / sum(d.square().sum() for d in moved.values())).sqrt() < 0.15
 
 
 @pytest.mark.timeout(DEADLINE + 60)
