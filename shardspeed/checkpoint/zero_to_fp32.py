@@ -106,7 +106,8 @@ def consolidate(checkpoint_dir: PathLike, tag: str | None = None,
     manifest = read_manifest(folder)
     if int(manifest.get("tensor_parallel", 1)) > 1:
         raise CheckpointError(f"checkpoint `{folder}` holds tensor-parallel shards (size {manifest['tensor_parallel']}); "
-                              "zero-to-fp32 does not merge them yet: use engine.save_16bit_model (it gathers the shards)")
+                              "zero-to-fp32 cannot merge them without the model (it says how each tensor was cut): load the "
+                              "checkpoint into an engine at tensor-parallel size 1, or use engine.save_16bit_model (it gathers the shards)")
     # Masters first: their shards are freed before the module state dict is read.
     masters = read_fp32_masters(folder, manifest)
     model_state = load_verified(folder, MODEL_FILE, manifest)

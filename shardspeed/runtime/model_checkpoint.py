@@ -7,6 +7,9 @@
       <tag>/mp_rank_<t>_model_states.pt  the same for tensor-parallel shard t (its data-parallel rank 0)
       <tag>/rank_<r>_states.pt    this rank's optimizer-side state and RNG states
 
+A checkpoint loads at any data-parallel size and any tensor-parallel size (the shards are merged and
+cut again by the loading model's partition marks).
+
 A save goes to `save_dir/.<tag>.partial`, which rank 0 renames to `<tag>` once every rank has
 written and the manifest is complete; only then is `latest` replaced.
 """
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ..tensor_parallel.reshard import partition_marks, reshard_tensors, reshard_universal
 from ..zero.universal import merge_shards
 from .checkpoint_io import CheckpointError, atomic_write_bytes, fsync_dir, load_verified, read_manifest, save_torch, write_manifest
 
@@ -94,6 +98,7 @@ def _model_state(engine: "ShardspeedEngine", module_state: dict[str, Any], clien
         # Tied weights appear under several names; optimizer state is kept under the first one.
         "param_aliases": _aliases(engine.module),
         "buffer_names": [n for n, _ in engine.module.named_buffers(remove_duplicate=False)],
+        "tp_partitions": partition_marks(engine.module),  # how tensor-parallel shards merge (resharding loads)
         **training_state(engine, client_state),
     }
 
@@ -168,26 +173,37 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     manifest = read_manifest(folder)
     tp = engine.topology.axis("tensor")
     saved_tp = int(manifest.get("tensor_parallel", 1))
-    if saved_tp != tp.size:
-        raise CheckpointError(f"checkpoint `{folder}` was saved with tensor-parallel size {saved_tp} but this run has "
-                              f"{tp.size}; load it with `tensor_parallel.autotp_size` {saved_tp} (its data-parallel size may differ)")
-    model_state = load_verified(folder, model_file(tp.rank), manifest)
+    # Another tensor-parallel size: every old shard is read, merged and cut as this run cuts it.
+    resharding = saved_tp != tp.size
+    if resharding:
+        model_files = [load_verified(folder, model_file(t), manifest) for t in range(saved_tp)]
+        cut = (model_files[0].get("tp_partitions", {}), partition_marks(engine.module), tp)
+        model_state = {**model_files[0], "module": reshard_tensors([f["module"] for f in model_files], *cut)}
+        del model_files
+    else:
+        model_state = load_verified(folder, model_file(tp.rank), manifest)
     engine.load_module_state_dict(model_state["module"], strict=strict)
     if engine.strategy is not None:
         engine.strategy.sync_masters_from_model()
     if load_module_only:
         return str(folder), model_state["client_state"]
     saved_world = int(manifest.get("world_size", 1))
-    # The saved ranks that held this rank's tensor shard (all of them without tensor parallelism).
-    tp_ranks = manifest.get("tp_ranks") or [0] * saved_world
-    peers = [r for r in range(saved_world) if tp_ranks[r] == tp.rank]
+    tp_ranks = manifest.get("tp_ranks") or [0] * saved_world  # each saved rank's tensor shard
+    # The saved ranks that held this rank's tensor shard; with another size, any rank (RNG state only).
+    peers = [r for r in range(saved_world) if resharding or tp_ranks[r] == tp.rank]
     own = engine.global_rank if engine.global_rank in peers else peers[0]
     if load_optimizer_states and engine.optimizer is not None:
-        # Any saved data-parallel layout: gather the peers' shards into per-parameter state, keep ours.
+        # Any saved data-parallel layout: merge each tensor shard's data-parallel pieces per parameter,
+        # then (another tensor-parallel size) merge the shards and keep this rank's slice.
         states = {r: load_verified(folder, _rank_file(r), manifest) for r in peers}
         rank_state = states[own]
-        engine.strategy.load_universal(merge_shards([s["optimizer"] for s in states.values()]))
+        if resharding:
+            per_shard = [merge_shards([s["optimizer"] for r, s in states.items() if tp_ranks[r] == t]) for t in range(saved_tp)]
+            universal = reshard_universal(per_shard, *cut)
+        else:
+            universal = merge_shards([s["optimizer"] for s in states.values()])
         del states
+        engine.strategy.load_universal(universal)
     else:
         rank_state = load_verified(folder, _rank_file(own), manifest)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
@@ -195,7 +211,8 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
         setattr(engine, key, model_state[key])
     _restore_rng(rank_state["rng"])
-    if rank_state.get("dataloader") is not None and engine.training_dataloader is not None and saved_world == dist.get_world_size():
+    if (rank_state.get("dataloader") is not None and engine.training_dataloader is not None
+            and saved_world == dist.get_world_size() and not resharding):  # the same data-parallel layout
         engine.training_dataloader.load_state_dict(rank_state["dataloader"])
     return str(folder), model_state["client_state"]
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..comm.topology import AxisGroup
 from .layers import is_tensor_parallel
+from .reshard import merge_along
 
 
 def gather_full(param: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
@@ -31,11 +32,7 @@ def gather_full(param: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
         local = torch.cat([local, local.new_zeros(pad_shape)], dim=dim)
     parts = [torch.empty_like(local) for _ in range(tp.size)]
     dist.all_gather(parts, local, group=tp.group)
-    parts = [p.narrow(dim, 0, int(s.item())) for p, s in zip(parts, all_sizes)]
-    if stride == 1:
-        return torch.cat(parts, dim=dim)
-    blocks = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([blocks[r][b] for b in range(stride) for r in range(tp.size)], dim=dim)
+    return merge_along([p.narrow(dim, 0, int(s.item())) for p, s in zip(parts, all_sizes)], dim, stride)
 
 
 def full_state_dict(module: nn.Module, tp: AxisGroup) -> dict[str, torch.Tensor]:

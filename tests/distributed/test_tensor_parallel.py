@@ -26,7 +26,7 @@ import shardspeed
 from shardspeed.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         vocab_parallel_cross_entropy)
 from shardspeed.tensor_parallel.consolidate import gather_full
-from tests.harness import ScenarioRuns, run_named
+from tests.harness import ScenarioRuns, run_distributed, run_named
 
 STEPS, MICRO, SEQ, VOCAB = 3, 2, 12, 101  # 101: the vocabulary splits unevenly over 2 ranks
 CLIP, LR = 0.05, 2e-3
@@ -479,3 +479,46 @@ def test_misconfigurations_name_the_problem(runs: ScenarioRuns) -> None:
     assert "mpu's tensor-parallel group has 1 ranks" in errors["mpu_disagrees"] and "autotp_size" in errors["mpu_disagrees"]
     assert "gpt2, llama" in errors["unsupported_model"]
     assert "number of attention heads" in errors["heads_not_dividing"] and "(3)" in errors["heads_not_dividing"]
+
+
+def _save_then_continue(save_dir: str) -> list[float]:
+    """tp=2: two steps, a checkpoint, then the two steps every resumed layout must reproduce."""
+    engine = shardspeed.initialize(model=_hf_model("gpt2"), config=_config(1, 1, tp=2))[0]
+    out = []
+    for step in range(4):
+        if step == 2:
+            engine.save_checkpoint(save_dir, tag="mid")
+        loss = _hf_loss(engine, _ids(step, 0, 0))
+        engine.backward(loss)
+        engine.step()
+        out.append(loss.item())
+    return out[2:]
+
+
+def _resume_at(save_dir: str, tp: int, stage: int, save_again: str | None = None) -> dict[str, Any]:
+    engine = shardspeed.initialize(model=_hf_model("gpt2"), config=_config(stage, 1, tp=tp))[0]
+    engine.load_checkpoint(save_dir, tag="mid")
+    if save_again is not None:  # the same state, saved at this layout
+        engine.save_checkpoint(save_again, tag="mid")
+    losses = []
+    for step in (2, 3):
+        loss = _hf_loss(engine, _ids(step, 0, 0))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return {"losses": losses, "steps": engine.global_steps}
+
+
+@pytest.mark.timeout(3 * DEADLINE)
+def test_checkpoint_reloads_at_other_tensor_parallel_sizes(tmp_path: Path) -> None:
+    """Catches a checkpoint that only loads at the tensor-parallel size it was saved at, or that cuts
+    a fused QKV (stride 3) or the unevenly split vocabulary (101 rows) wrongly when resharding: the
+    weights and the AdamW moments must come back, so the next losses match the uninterrupted run."""
+    save, unsharded = str(tmp_path / "ckpt"), str(tmp_path / "ckpt_tp1")
+    expected = run_distributed(_save_then_continue, 2, tmp_path / "save", save, deadline=DEADLINE)[0]
+    # tp 2 -> 1 (re-saved there), tp 2 -> 4 with ZeRO-2, and tp 1 -> 2.
+    for world, tp, stage, src, again in ((1, 1, 1, save, unsharded), (4, 4, 2, save, None), (2, 2, 1, unsharded, None)):
+        results = run_distributed(_resume_at, world, tmp_path / f"tp{tp}", src, tp, stage, again, deadline=DEADLINE)
+        for rank, r in enumerate(results):
+            assert r["steps"] == 4
+            assert r["losses"] == pytest.approx(expected, rel=1e-5), (tp, rank)
