@@ -48,14 +48,23 @@ def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False) or getattr(param, "model_parallel", False))
 
 
+def cut(whole: torch.Tensor, dim: int, stride: int, tp: AxisGroup) -> torch.Tensor:
+    """This rank's part of `whole` along `dim` (a copy): with stride 1 as evenly as possible
+    (`split_range`), otherwise this rank's part of each of `stride` equal blocks (fused QKV)."""
+    if stride == 1:
+        start, end = split_range(whole.shape[dim], tp.size, tp.rank)
+        return whole.narrow(dim, start, end - start).detach().clone()
+    blocks = whole.chunk(stride, dim=dim)
+    return torch.cat([b.chunk(tp.size, dim=dim)[tp.rank] for b in blocks], dim=dim).detach().clone()
+
+
 def shard(full: torch.Tensor, dim: int, tp: AxisGroup, stride: int = 1, what: str = "tensor") -> torch.Tensor:
-    """This rank's part of `full` along `dim`; with a stride, of each of `stride` equal blocks (fused QKV)."""
+    """`cut`, for a linear layer's weight: every rank's part must be the same size."""
     size = full.shape[dim]
     if size % (stride * tp.size):
         raise ValueError(f"{what}: dimension {dim} of size {size} does not split into {stride} block(s) x "
                          f"{tp.size} tensor-parallel ranks; choose a tensor-parallel size that divides it")
-    blocks = full.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(tp.size, dim=dim)[tp.rank] for b in blocks], dim=dim).detach().clone()
+    return cut(full, dim, stride, tp)
 
 
 def _default_weight(out_features: int, in_features: int, bias: bool, dtype: Any, device: Any,
@@ -199,7 +208,7 @@ class VocabParallelEmbedding(nn.Module):
         self.tp = tp
         self.num_embeddings, self.embedding_dim = weight.shape
         self.vocab_start, self.vocab_end = split_range(self.num_embeddings, tp.size, tp.rank)
-        self.weight = mark_tensor_parallel(nn.Parameter(weight[self.vocab_start:self.vocab_end].clone()), 0)
+        self.weight = mark_tensor_parallel(nn.Parameter(cut(weight, 0, 1, tp)), 0)
         inside = padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end
         self.padding_idx = padding_idx
         self._local_padding_idx = padding_idx - self.vocab_start if inside else None
@@ -232,8 +241,8 @@ class VocabParallelLMHead(nn.Module):
     def from_dense(cls, head: nn.Linear, tp: AxisGroup) -> "VocabParallelLMHead":
         vocab = head.weight.shape[0]
         start, end = split_range(vocab, tp.size, tp.rank)
-        weight = mark_tensor_parallel(nn.Parameter(head.weight.detach()[start:end].clone()), 0)
-        bias = mark_tensor_parallel(nn.Parameter(head.bias.detach()[start:end].clone()), 0) if head.bias is not None else None
+        weight = mark_tensor_parallel(nn.Parameter(cut(head.weight, 0, 1, tp)), 0)
+        bias = mark_tensor_parallel(nn.Parameter(cut(head.bias, 0, 1, tp)), 0) if head.bias is not None else None
         return cls(weight, start, end, vocab, tp, bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -244,4 +253,4 @@ class VocabParallelLMHead(nn.Module):
 
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "VocabParallelLMHead",
-           "is_tensor_parallel", "mark_tensor_parallel", "shard", "split_range"]
+           "cut", "is_tensor_parallel", "mark_tensor_parallel", "shard", "split_range"]

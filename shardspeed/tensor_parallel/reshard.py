@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..comm.topology import AxisGroup
-from .layers import is_tensor_parallel, split_range
+from .layers import cut, is_tensor_parallel
 
 
 def merge_along(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
@@ -23,15 +23,6 @@ def merge_along(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tenso
         return torch.cat(parts, dim=dim)
     blocks = [p.chunk(stride, dim=dim) for p in parts]
     return torch.cat([blocks[r][b] for b in range(stride) for r in range(len(parts))], dim=dim)
-
-
-def local_slice(whole: torch.Tensor, dim: int, stride: int, tp: AxisGroup) -> torch.Tensor:
-    """This rank's shard of `whole`, cut as the tensor-parallel layers cut it."""
-    if stride == 1:
-        start, end = split_range(whole.shape[dim], tp.size, tp.rank)
-        return whole.narrow(dim, start, end - start).clone()
-    blocks = whole.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(tp.size, dim=dim)[tp.rank] for b in blocks], dim=dim).clone()
 
 
 def partition_marks(module: nn.Module) -> dict[str, tuple[int, int]]:
@@ -43,7 +34,7 @@ def partition_marks(module: nn.Module) -> dict[str, tuple[int, int]]:
 def _reshard(pieces: list[torch.Tensor], saved: tuple[int, int] | None, mine: tuple[int, int] | None,
              tp: AxisGroup) -> torch.Tensor:
     whole = merge_along(pieces, *saved) if saved is not None else pieces[0]
-    return local_slice(whole, *mine, tp) if mine is not None else whole
+    return cut(whole, *mine, tp) if mine is not None else whole
 
 
 def reshard_tensors(shards: list[dict[str, torch.Tensor]], saved: dict[str, tuple[int, int]],
