@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm.collectives import all_gather_partitions
-from ..comm.topology import AxisGroup
+from ..comm.topology import AxisGroup, axis_of_group
 
 
 @dataclass(frozen=True)
@@ -56,13 +56,13 @@ class TensorParallelGroup:
         group = getattr(mpu, prefix + "group")()
         if not dist.is_initialized():
             raise RuntimeError(f"the mpu reports a tensor-parallel size of {size} but torch.distributed is not initialized")
-        ranks = tuple(dist.get_process_group_ranks(group))
-        if len(ranks) != size or not 0 <= rank < size or ranks[rank] != dist.get_rank():
+        axis = axis_of_group(group)
+        if axis.size != size or axis.rank != rank:
             raise ValueError(
                 f"mpu is inconsistent: {prefix}world_size()={size}, {prefix}rank()={rank}, but its group holds "
-                f"global ranks {list(ranks)} and this is global rank {dist.get_rank()}"
+                f"global ranks {list(axis.ranks)} and this is global rank {dist.get_rank()}"
             )
-        return cls(rank=rank, size=size, axis=AxisGroup(group, ranks, rank))
+        return cls(rank=rank, size=size, axis=axis)
 
 
 @dataclass

@@ -274,27 +274,26 @@ class ShardspeedEngine(torch.nn.Module):
         """The module's state dict. At stage 3 every rank must call it and only rank 0 gets the whole (others {})."""
         if self._partitions_parameters:
             return self.strategy.consolidated_state_dict(exclude_frozen_parameters)
-        state = self.module.state_dict()
-        if exclude_frozen_parameters:
-            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
-            state = {k: v for k, v in state.items() if k not in frozen}
-        return state
+        return self._drop_frozen(self.module.state_dict(), exclude_frozen_parameters)
+
+    def _drop_frozen(self, state: dict[str, torch.Tensor], exclude: bool) -> dict[str, torch.Tensor]:
+        if not exclude:
+            return state
+        frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+        return {k: v for k, v in state.items() if k not in frozen}
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:
         return checkpointing.save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
 
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
-        """The full state dict on rank 0, None elsewhere. At stage 3 every rank must call it (it gathers)."""
+        """The full state dict on rank 0, None elsewhere. At stage 3 and under tensor parallelism every
+        rank must call it (it gathers)."""
         if self._partitions_parameters:
             state = self.strategy.consolidated_state_dict(exclude_frozen_parameters)
             return state if self.global_rank == 0 else None
-        if self.topology.axis("tensor").size > 1:
-            state = self.whole_module_state_dict(exclude_frozen_parameters)
-            return {k: v.detach().clone() for k, v in state.items()} if self.global_rank == 0 else None
-        if self.global_rank != 0:
-            return None
-        return {k: v.detach().clone() for k, v in self.module_state_dict(exclude_frozen_parameters).items()}
+        state = self.whole_module_state_dict(exclude_frozen_parameters)
+        return {k: v.detach().clone() for k, v in state.items()} if self.global_rank == 0 else None
 
     def whole_module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
         """Whole weights, as the unsharded model names and shapes them: tensor-parallel shards are
@@ -302,11 +301,7 @@ class ShardspeedEngine(torch.nn.Module):
         tp = self.topology.axis("tensor")
         if tp.size == 1:
             return self.module_state_dict(exclude_frozen_parameters)
-        state = full_state_dict(self.module, tp)
-        if exclude_frozen_parameters:
-            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
-            state = {k: v for k, v in state.items() if k not in frozen}
-        return state
+        return self._drop_frozen(full_state_dict(self.module, tp), exclude_frozen_parameters)
 
     def load_module_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load whole weights into the module (at stage 3: into every rank's shards)."""

@@ -3,7 +3,7 @@
 Each pairs a forward with the backward that keeps gradients exact:
 
     copy_to_tp       forward: identity             backward: all-reduce (sum)
-    reduce_from_tp   forward: all-reduce (sum)     backward: identity
+    reduce_from_tp   forward: all-reduce (sum, in place: pass a fresh tensor)   backward: identity
     scatter_to_tp    forward: keep this rank's slice of the last dim   backward: all-gather it
     gather_from_tp   forward: all-gather the last dim                  backward: keep this rank's slice
 
@@ -68,7 +68,12 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-        return _all_reduce(x.clone(), tp)
+        if not x.is_contiguous():
+            return _all_reduce(x.contiguous(), tp)
+        # In place, without a copy per layer per micro step: the callers (a row-parallel layer's
+        # matmul, the embedding's masked lookup) pass a fresh tensor no backward has saved.
+        ctx.mark_dirty(x)
+        return _all_reduce(x, tp)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

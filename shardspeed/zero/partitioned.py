@@ -70,6 +70,7 @@ class PartitionedOptimizer:
             partition_grads=stage == 2, reduce_scatter=reduce_scatter, overlap=overlap_comm,
             comm_dtype=comm_dtype, predivide=predivide,
         )
+        self.norm_ranges = self._norm_ranges()
         # With offload, fp32 masters and optimizer states live in host memory (or on NVMe) instead.
         self.offload = offload([[Segment(grad, flat[s:e])] for grad, flat, (s, e) in zip(
             self.grads.partitions, self.flat_params, (l.partition(dp.rank) for l in self.layouts))]) if offload else None
@@ -107,24 +108,31 @@ class PartitionedOptimizer:
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
-    def _norm_grads(self) -> list[torch.Tensor] | None:
-        """Views of this rank's gradient partitions without the parameters another rank counts (None: all of them)."""
+    def _norm_ranges(self) -> list[tuple[int, int, int]] | None:
+        """(group, lo, hi) of this rank's gradient partitions the norm covers: all but the slots of
+        parameters another rank counts (NormScope); None when that is everything. Fixed by the layouts."""
         elsewhere = self.norm_scope.counted_elsewhere
         if not elsewhere:
             return None
-        views = []
-        for partition, layout, params in zip(self.grads.partitions, self.layouts, self.group_params):
+        ranges = []
+        for g, (layout, params) in enumerate(zip(self.layouts, self.group_params)):
             start, end = layout.partition(self.dp.rank)
-            cursor = start  # views cover [start, end) except the slots of `elsewhere` parameters
+            cursor = start
             for slot, p in zip(layout.slots, params):
                 lo, hi = max(start, slot.offset), min(end, slot.end)
                 if p in elsewhere and lo < hi:
                     if cursor < lo:
-                        views.append(partition[cursor - start:lo - start])
+                        ranges.append((g, cursor - start, lo - start))
                     cursor = hi
             if cursor < end:
-                views.append(partition[cursor - start:end - start])
-        return views
+                ranges.append((g, cursor - start, end - start))
+        return ranges
+
+    def _norm_grads(self) -> list[torch.Tensor] | None:
+        """Views of the gradient partitions over `_norm_ranges` (None: all of them)."""
+        if self.norm_ranges is None:
+            return None
+        return [self.grads.partitions[g][lo:hi] for g, lo, hi in self.norm_ranges]
 
     def step(self, max_norm: float) -> StepResult:
         dp_group = self.dp.group if self.dp.size > 1 else None
