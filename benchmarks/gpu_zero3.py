@@ -3,8 +3,8 @@
     python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/gpu_zero3.py [--out DIR] [--quick]
 
 Runs as one process (world size 1, NCCL). With one rank, shardspeed's gathers and reductions
-are plain copies; this script switches on `param_shards.COLLECTIVES_AT_WORLD_1` so stage 3
-really calls NCCL's all_gather_into_tensor / reduce_scatter_tensor.
+are plain copies; this script gives every engine `CommPolicy.native(collectives_at_world_1=True)` so
+stage 3 really calls NCCL's all_gather_into_tensor / reduce_scatter_tensor.
 
 Part 1, correctness on the GPU: stage 3 (tiny persistence threshold, a live-parameter cap that
 forces release and re-gather, prefetch on) against stage 0 in fp32 (TF32 off): same losses and
@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 import shardspeed  # noqa: E402
 from gpt import GPT, GPTConfig  # noqa: E402
-from shardspeed.zero import param_shards  # noqa: E402
+from shardspeed.comm.collectives import CommPolicy  # noqa: E402
 
 
 def batches(cfg: GPTConfig, micro: int, n: int, device: torch.device, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -59,6 +59,7 @@ def train_engine(cfg: GPTConfig, config: dict, data: list, seed: int = 0, init: 
     else:
         model = GPT(cfg)
     engine, *_ = shardspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    _collectives_at_world_1(engine)
     losses = []
     for x, y in data:
         loss = engine(x, labels=y)
@@ -155,6 +156,7 @@ def part2(device: torch.device, quick: bool, profile: bool = False) -> dict:
         config = ds_config(stage, True, overlap_comm=True, **zero)
         config["optimizer"]["params"]["lr"] = 1e-4
         engine, *_ = shardspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        _collectives_at_world_1(engine)
 
         def step():
             loss = engine(data[0], labels=data[1])
@@ -199,6 +201,16 @@ def part2(device: torch.device, quick: bool, profile: bool = False) -> dict:
     return out
 
 
+def _collectives_at_world_1(engine: object) -> None:
+    """Run the NCCL collectives even at world size 1 (where they would be plain copies)."""
+    policy = CommPolicy.native(collectives_at_world_1=True)
+    strategy = engine.strategy
+    if hasattr(strategy, "manager"):
+        strategy.manager.set_policy(policy)
+    if hasattr(strategy, "reducer"):
+        strategy.reducer.policy = policy
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -206,7 +218,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of three stage-3 steps")
     args = parser.parse_args()
     shardspeed.init_distributed()
-    param_shards.COLLECTIVES_AT_WORLD_1 = True
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -11,9 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "initialize": "shardspeed.runtime.initialize",
-    "add_config_arguments": "shardspeed.runtime.initialize",
-    "tp_model_init": "shardspeed.runtime.initialize",
+    "initialize": "shardspeed.api",
+    "add_config_arguments": "shardspeed.api",
+    "tp_model_init": "shardspeed.api",
     "init_distributed": "shardspeed.comm.init",
     "ShardspeedEngine": "shardspeed.runtime.engine",
     "ShardspeedConfig": "shardspeed.config",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..comm.collectives import all_gather_partitions
+from ..comm.collectives import CommPolicy, all_gather_partitions
 from ..comm.topology import AxisGroup, axis_of_group
 
 
@@ -173,5 +173,5 @@ def _gather(mine: torch.Tensor, packed: PackedInput, tp: TensorParallelGroup) ->
     size = packed.slice_size
     full = torch.empty(size * tp.size, dtype=mine.dtype, device=mine.device)
     full[tp.rank * size:(tp.rank + 1) * size].copy_(mine)
-    all_gather_partitions(full, size, tp.axis, chunk_elements=size)
+    all_gather_partitions(full, size, tp.axis, chunk_elements=size, policy=CommPolicy.for_group(tp.axis.group))
     return full[:packed.numel]

@@ -6,6 +6,7 @@ groups. It is built once and passed to whatever needs a group; nothing looks it 
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 from collections import namedtuple
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
+
+from .groups import groups_for
 
 
 class ProcessTopology:
@@ -91,8 +94,41 @@ class PipeModelDataParallelTopology(ProcessTopology):
         super().__init__(["pipe", "data", "model"], [num_pp, num_dp, num_mp])
 
 
-# Our axis names, and the names DeepSpeed's topologies use for the same thing.
-_AXIS_ALIASES = {"dp": "data", "pp": "pipe", "tp": "model", "tensor": "model", "data": "data", "pipe": "pipe", "model": "model"}
+class Axis(str, enum.Enum):
+    """The parallel axes, and groups derived from them, that a rank belongs to.
+
+    DATA, PIPE and TENSOR are the grid's axes (DeepSpeed's `data`, `pipe`, `model`). EXPERT splits
+    the data axis into consecutive chunks of `ep_size` ranks that share one set of experts;
+    EXPERT_DATA links the ranks holding the same experts (across those chunks), over which expert
+    gradients are averaged. MODEL_PARALLEL is one model replica: the pipeline stages and tensor
+    shards of one data-parallel index, over which a gradient norm is completed.
+    """
+
+    DATA = "data"
+    PIPE = "pipe"
+    TENSOR = "tensor"
+    EXPERT = "expert"
+    EXPERT_DATA = "expert_data"
+    MODEL_PARALLEL = "model_parallel"
+
+    @classmethod
+    def parse(cls, name: "str | Axis") -> "Axis":
+        """An axis from its name or an alias (dp, pp, tp, model, ep, edp, mp)."""
+        if isinstance(name, Axis):
+            return name
+        key = _AXIS_ALIASES.get(name, name)
+        try:
+            return cls(key)
+        except ValueError:
+            known = ", ".join(a.value for a in cls)
+            raise KeyError(f"unknown parallel axis {name!r}; known: {known} (aliases: {', '.join(_AXIS_ALIASES)})") from None
+
+
+# Short names, and the name DeepSpeed's topologies use for the tensor axis.
+_AXIS_ALIASES = {"dp": "data", "pp": "pipe", "tp": "tensor", "model": "tensor", "ep": "expert",
+                 "edp": "expert_data", "mp": "model_parallel"}
+# Where each grid axis sits in a ProcessTopology (DeepSpeed's names).
+_GRID_NAME = {Axis.DATA: "data", Axis.PIPE: "pipe", Axis.TENSOR: "model"}
 
 
 @dataclass(frozen=True)
@@ -111,34 +147,49 @@ class AxisGroup:
 class Topology:
     """Named parallel axes over the launched processes, with one torch.distributed group per axis.
 
-    Axes: `data`, `pipe`, `tensor` (DeepSpeed's `model`), and `expert`, which subdivides the
-    data axis (expert-parallel peers are adjacent data-parallel ranks). All groups are created
-    in the constructor, which every rank must call in the same order (group creation is collective).
+    This is the one place parallel groups are made: `initialize`, `PipelineModule`, `zero.Init`,
+    `tp_model_init` and `from_mpu` all build a Topology. Groups come from `comm.groups`, which
+    creates each distinct rank list once per process, so a second engine reuses the first one's
+    groups. Building is collective: every rank builds the same topologies in the same order.
     """
 
     def __init__(self, grid: ProcessTopology, ep_size: int = 1, given: dict[str, AxisGroup] | None = None) -> None:
-        """`given`: groups that already exist for some axes (a Megatron `mpu`'s); the rest are made here."""
+        """`given`: groups that already exist for some grid axes ("data", "pipe", "model": a Megatron
+        `mpu`'s); the rest are made here."""
         if not dist.is_initialized():
             raise RuntimeError("call shardspeed.init_distributed() before building a Topology")
         if grid.world_size() != dist.get_world_size():
             raise ValueError(f"topology {grid} covers {grid.world_size()} ranks but the job has {dist.get_world_size()}")
         dp = grid.get_dim("data")
-        if dp % ep_size:
+        if ep_size < 1 or dp % ep_size:
             raise ValueError(f"expert-parallel size {ep_size} must divide the data-parallel size {dp}")
         self.grid = grid
         self.ep_size = ep_size
         self.global_rank = dist.get_rank()
-        self._groups: dict[str, AxisGroup] = {}
+        self._groups: dict[Axis, AxisGroup] = {}
         given = given or {}
-        for axis in ("data", "pipe", "model"):
-            self._groups[axis] = given[axis] if axis in given else self._make(grid.get_axis_comm_lists(axis))
-        data_lists = _all_lists(self._groups["data"]) if "data" in given else grid.get_axis_comm_lists("data")
-        self._groups["expert"] = self._make([dl[i:i + ep_size] for dl in data_lists for i in range(0, dp, ep_size)])
-        self._groups["expert_data"] = self._make([dl[i::ep_size] for dl in data_lists for i in range(ep_size)])
-        # One model replica: the ranks that hold its pipeline stages and tensor shards. A gradient
-        # norm adds its squares over this group (after the data-parallel reduction).
-        replicas = [sorted(r for dl in data_lists for r in dl[i:i + 1]) for i in range(dp)]
-        self._groups["model_parallel"] = self._make(replicas)
+        for axis, grid_name in _GRID_NAME.items():
+            self._groups[axis] = given[grid_name] if grid_name in given else self._make(grid.get_axis_comm_lists(grid_name))
+        data_lists = _all_lists(self._groups[Axis.DATA]) if "data" in given else grid.get_axis_comm_lists("data")
+        self._groups[Axis.EXPERT] = self._make([dl[i:i + ep_size] for dl in data_lists for i in range(0, dp, ep_size)])
+        self._groups[Axis.EXPERT_DATA] = self._make([dl[i::ep_size] for dl in data_lists for i in range(ep_size)])
+        replicas = [sorted(dl[i] for dl in data_lists) for i in range(dp)]
+        self._groups[Axis.MODEL_PARALLEL] = self._make(replicas)
+
+    # ---- the ways users and the engine describe a layout -------------------------------------------
+    @classmethod
+    def build(cls, *, pipe: int = 1, tensor: int = 1, expert: int = 1) -> "Topology":
+        """pipe x data x tensor over the whole job (tensor peers adjacent, DeepSpeed's order); the data
+        size is what the world leaves."""
+        world = dist.get_world_size()
+        if pipe < 1 or tensor < 1 or world % (pipe * tensor):
+            raise ValueError(f"pipeline size {pipe} x tensor-parallel size {tensor} must divide the world size {world}")
+        return cls(PipeModelDataParallelTopology(num_pp=pipe, num_mp=tensor, num_dp=world // (pipe * tensor)), ep_size=expert)
+
+    @classmethod
+    def data_parallel(cls) -> "Topology":
+        """Every rank on the data axis: plain data parallelism."""
+        return cls(ProcessTopology(["data"], [dist.get_world_size()]))
 
     @classmethod
     def from_mpu(cls, mpu: Any) -> "Topology":
@@ -171,30 +222,19 @@ class Topology:
             raise ValueError(f"mpu groups do not tile the job: data {dp} x tensor {tp} x pipeline {pp} != world size {world}")
         return cls(PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp), given=given)
 
-    @classmethod
-    def data_parallel(cls) -> "Topology":
-        """Every rank on the data axis: plain data parallelism."""
-        return cls(ProcessTopology(["data"], [dist.get_world_size()]))
-
     def _make(self, rank_lists: list[list[int]]) -> AxisGroup:
-        mine: AxisGroup | None = None
-        world = dist.get_world_size()
+        made = groups_for(rank_lists)
         for ranks in rank_lists:
-            if len(ranks) == world:
-                group = dist.group.WORLD  # no new communicator for the whole world
-            else:
-                group = dist.new_group(ranks)
             if self.global_rank in ranks:
-                mine = AxisGroup(group, tuple(ranks), ranks.index(self.global_rank))
-        assert mine is not None, "every rank lies on every axis"
-        return mine
+                return AxisGroup(made[tuple(ranks)], tuple(ranks), ranks.index(self.global_rank))
+        raise AssertionError("every rank lies on every axis")
 
-    def axis(self, name: str) -> AxisGroup:
-        """This rank's group on axis `name` (data|dp, pipe|pp, tensor|tp|model, expert|ep, expert_data, model_parallel)."""
-        key = {"ep": "expert"}.get(name, _AXIS_ALIASES.get(name, name))
-        if key not in self._groups:
-            raise KeyError(f"unknown parallel axis {name!r}; known: data, pipe, tensor, expert, expert_data, model_parallel")
-        return self._groups[key]
+    def axis(self, name: "str | Axis") -> AxisGroup:
+        """This rank's group on axis `name` (an `Axis`, its value, or an alias: dp, pp, tp, model, ep)."""
+        return self._groups[Axis.parse(name)]
+
+    def size(self, name: "str | Axis") -> int:
+        return self.axis(name).size
 
     def describe(self) -> str:
         """'dp=2 pp=1 tp=1 ep=1', for log lines."""

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ValidationError
 from .batch import complete_batch_sizes
 from .errors import ConfigError, unknown_key_message
 from .schema import UNIMPLEMENTED_SECTIONS, ShardspeedConfig
-from .sections import TensorParallelConfig
 
 AUTO = "auto"
 
@@ -184,27 +183,34 @@ def check_unimplemented(cfg: ShardspeedConfig) -> None:
         raise ConfigError("`fp16.enabled` and `bf16.enabled` are both true; enable at most one")
 
 
-def tensor_parallel_size(raw: dict[str, Any]) -> int:
-    """The AutoTP degree a raw config asks for (1 when off or malformed: `load_config` reports the latter).
+@dataclass(frozen=True)
+class ParsedConfig:
+    """A config validated strictly, its "auto" values not yet resolved (they need the model and the world)."""
 
-    Read ahead of `load_config` because the data-parallel size that resolves batch sizes depends on it.
-    """
-    section = raw.get("tensor_parallel")
-    if not isinstance(section, dict):
-        return 1
-    try:
-        return max(1, TensorParallelConfig.model_validate(section).autotp_size)
-    except ValidationError:
-        return 1
+    cfg: ShardspeedConfig
+    autos: frozenset[str]
+
+
+def parse_strict(config: dict[str, Any] | str | os.PathLike[str]) -> ParsedConfig:
+    """Read and validate a ds_config: unknown keys, bad values and unsupported sections fail here,
+    before anything touches the model or the processes."""
+    raw = read_config(config)
+    autos = lift_autos(raw)
+    cfg = parse_config(raw)
+    check_unimplemented(cfg)
+    return ParsedConfig(cfg, frozenset(autos))
+
+
+def complete_config(parsed: ParsedConfig, ctx: ResolveContext | None = None) -> ShardspeedConfig:
+    """Resolve the "auto"s the context allows and complete the batch-size triangle."""
+    ctx = ctx or ResolveContext()
+    cfg = parsed.cfg
+    resolve_autos(cfg, set(parsed.autos), ctx)
+    check_unimplemented(cfg)  # "auto" may have switched fp16 or bf16 on
+    complete_batch_sizes(cfg, ctx.dp_world_size)
+    return cfg
 
 
 def load_config(config: dict[str, Any] | str | os.PathLike[str], ctx: ResolveContext | None = None) -> ShardspeedConfig:
     """Read, validate, resolve and complete a ds_config. This is the only place raw dicts are read."""
-    ctx = ctx or ResolveContext()
-    raw = read_config(config)
-    autos = lift_autos(raw)
-    cfg = parse_config(raw)
-    resolve_autos(cfg, autos, ctx)
-    check_unimplemented(cfg)
-    complete_batch_sizes(cfg, ctx.dp_world_size)
-    return cfg
+    return complete_config(parse_strict(config), ctx)

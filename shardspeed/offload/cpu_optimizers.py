@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 from torch.optim.adagrad import adagrad as _torch_adagrad
 
-from shardspeed.runtime.optimizers.lamb import _check_hparams
-from shardspeed.runtime.optimizers.lion import Lion
+from shardspeed.optim.lamb import _check_hparams
+from shardspeed.optim.lion import Lion
 
 ModelParameters = Iterable[Tensor] | Iterable[dict[str, Any]]
 
@@ -176,7 +176,7 @@ class FusedAdam(_KernelOptimizer):
 
     ``adam_w_mode`` picks decoupled decay (AdamW) over L2 decay (Adam); it is stored per group as
     ``decoupled_weight_decay``, torch's key.  ``bias_correction=False``
-    is :class:`~shardspeed.runtime.optimizers.factory.AdamNoBiasCorrection`'s update, run by the
+    is :class:`~shardspeed.optim.factory.AdamNoBiasCorrection`'s update, run by the
     same kernel.  State is kept in the parameter dtype.  ``amsgrad=True`` is torch's AMSGrad
     (DeepSpeed refuses it).  ``set_grad_none`` is ``zero_grad()``'s default.
     """
@@ -293,7 +293,7 @@ class DeepSpeedCPUAdagrad(_CPUOptimizer):
 
 class DeepSpeedCPULion(_CPUOptimizer, Lion):
     """Lion on CPU tensors with DeepSpeed's signature: shardspeed's
-    :class:`~shardspeed.runtime.optimizers.lion.Lion` rule, with fp32 momentum for 16-bit
+    :class:`~shardspeed.optim.lion.Lion` rule, with fp32 momentum for 16-bit
     parameters.  State: ``step`` (int), ``exp_avg``."""
 
     _tensor_step = False

@@ -22,7 +22,6 @@ stepped ones are written back while the next are stepped (both off by default, a
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,9 +30,7 @@ import torch
 from ..accelerator import get_accelerator
 from ..config.errors import ConfigError
 from ..config.sections import AioConfig, OffloadOptimizerConfig
-
-# Per-element tensors in a sub-group's swap buffer start at multiples of this many bytes (O_DIRECT).
-_ALIGN_BYTES = 4096
+from .sub_group_swap import SubGroupSwap
 
 
 @dataclass(eq=False)
@@ -104,22 +101,6 @@ def cut_sub_groups(segments: list[Segment], sub_group_size: int) -> list[list[tu
     return out
 
 
-def per_element_state_layout(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.dtype]]:
-    """The state tensors the optimizer keeps per element (Adam: exp_avg, exp_avg_sq), found by one
-    step of a throwaway 8-element parameter in a temporary param group. Any optimizer works."""
-    probe = torch.nn.Parameter(torch.zeros(8))
-    probe.grad = torch.full_like(probe, 1e-3)
-    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
-    optimizer.add_param_group({**group, "params": [probe]})
-    try:
-        optimizer.step()
-        state = optimizer.state.get(probe, {})
-        return [(k, v.dtype) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == probe.numel()]
-    finally:
-        optimizer.param_groups.pop()
-        optimizer.state.pop(probe, None)
-
-
 class OffloadedOptimizer:
     """Host (or NVMe) masters and optimizer states for a ZeRO stage, stepped on the CPU."""
 
@@ -161,9 +142,14 @@ class OffloadedOptimizer:
             group["params"] = [sg.master for sg in self.sub_groups if sg.group == g]
         _use_fused_cpu_kernels(optimizer)
         self._staging: list[torch.Tensor] = []
-        self.swap = None
+        self.swap: SubGroupSwap | None = None
         if self.nvme:
-            self._init_nvme(aio, rank)
+            self.swap = SubGroupSwap(self.sub_groups, optimizer, cfg, aio, rank, self.pin, self._time)
+            for i, sg in enumerate(self.sub_groups):  # masters start on disk; only the buffers stay in memory
+                buf = self.swap.acquire()
+                self._fill_master(sg, self.swap.views(sg, buf)[0])
+                self.swap.write_now(i, buf, sg.numel * 4)
+                self.swap.release(buf)
         else:
             for sg in self.sub_groups:
                 sg.master.data = self._host_empty(sg.numel)
@@ -178,50 +164,6 @@ class OffloadedOptimizer:
         """Masters start from the model's current values (fp32 models: exact; 16-bit: upcast)."""
         for seg, start, n, at in sg.pieces:
             out[at:at + n].copy_(seg.values().reshape(-1)[start:start + n])
-
-    def _init_nvme(self, aio_cfg: AioConfig, rank: int) -> None:
-        from .aio import AsyncIO
-        from .swap_space import SwapSpace, aligned_empty
-
-        self.state_layout = per_element_state_layout(self.optimizer)
-        self.footprint = {id(sg): self._layout(sg.numel)[1] for sg in self.sub_groups}
-        self.aio = AsyncIO.from_config(aio_cfg)
-        self.swap = SwapSpace(self.cfg.nvme_path, "optimizer", rank, {i: self.footprint[id(sg)] for i, sg in enumerate(self.sub_groups)},
-                              self.aio, fast_init=self.cfg.fast_init, config_key="zero_optimization.offload_optimizer.nvme_path")
-        biggest = max(self.footprint.values())
-        count = max(1, self.cfg.buffer_count)
-        self.buffers = [aligned_empty(biggest, pin=self.pin) for _ in range(count)]
-        self._free = deque(self.buffers)
-        # Masters start on disk; nothing but the buffers stays in memory.
-        for i, sg in enumerate(self.sub_groups):
-            buf = self._acquire()
-            self._fill_master(sg, self._views(sg, buf)[0])
-            self.swap.write(i, buf[:sg.numel * 4]).wait()
-            self._free.append(buf)
-            sg.master.data = torch.empty(0, dtype=torch.float32)
-
-    def _state_bytes(self, sg: _SubGroup) -> int:
-        """Bytes of a sub-group's swap region to read or write: the master alone until states exist."""
-        return self.footprint[id(sg)] if sg.has_state else sg.numel * 4
-
-    def _layout(self, numel: int) -> tuple[list[tuple[int, int]], int]:
-        """(byte offset, bytes) of the master and each per-element state in a sub-group's buffer, and the total."""
-        spans, offset = [], 0
-        for dtype in [torch.float32, *(d for _, d in getattr(self, "state_layout", []))]:
-            nbytes = numel * torch.empty(0, dtype=dtype).element_size()
-            spans.append((offset, nbytes))
-            offset += -(-nbytes // _ALIGN_BYTES) * _ALIGN_BYTES
-        return spans, offset
-
-    def _views(self, sg: _SubGroup, buf: torch.Tensor) -> list[torch.Tensor]:
-        spans, _ = self._layout(sg.numel)
-        dtypes = [torch.float32, *(d for _, d in self.state_layout)]
-        return [buf[o:o + n].view(d) for (o, n), d in zip(spans, dtypes)]
-
-    def _acquire(self) -> torch.Tensor:
-        while not self._free:
-            self._retire_write()
-        return self._free.popleft()
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self, factor: float) -> None:
@@ -310,78 +252,43 @@ class OffloadedOptimizer:
 
     # ---- NVMe ----------------------------------------------------------------------------------
     def _step_nvme(self, factor: float) -> None:
-        self._writes: deque[tuple[torch.Tensor, Any]] = deque()
+        swap = self.swap
+        assert swap is not None
         reads: dict[int, tuple[torch.Tensor, Any]] = {}
         order = list(range(len(self.sub_groups)))
         for k, i in enumerate(order):
             if i not in reads:
-                reads[i] = self._read(i)
+                reads[i] = swap.read(i, self.sub_groups[i])
             if self.cfg.pipeline_read:
                 for j in order[k + 1:]:
                     if j in reads:
                         continue
-                    if not self._free:
+                    if not swap.has_free():
                         break
-                    reads[j] = self._read(j)
+                    reads[j] = swap.read(j, self.sub_groups[j])
             buf, request = reads.pop(i)
             self._time("swap_in_wait", True)
             request.wait()
             self._time("swap_in_wait", False)
             sg = self.sub_groups[i]
-            self._attach(sg, buf)
+            swap.attach(sg, buf)
             staged = self._stage_grads([sg], factor, slot=0)
             self._wait_staged(staged)
             self._optimizer_step([sg], staged[0])
             self._copy_back([sg])
             self._device_sync()  # the copies read the buffer, which is reused below
-            self._detach(sg, buf)
-            self._writes.append((buf, self.swap.write(i, buf[:self.footprint[id(sg)]])))
+            swap.detach(sg, buf)
+            swap.write_behind(i, buf, swap.footprint[i])
             if not self.cfg.pipeline_write:
-                self._retire_write()
-        while self._writes:
-            self._retire_write()
-
-    def _read(self, i: int) -> tuple[torch.Tensor, Any]:
-        sg = self.sub_groups[i]
-        buf = self._acquire()
-        return buf, self.swap.read(i, buf[:self._state_bytes(sg)])
-
-    def _retire_write(self) -> None:
-        buf, request = self._writes.popleft()
-        self._time("swap_out_wait", True)
-        request.wait()
-        self._time("swap_out_wait", False)
-        self._free.append(buf)
-
-    def _attach(self, sg: _SubGroup, buf: torch.Tensor) -> None:
-        """Point the sub-group's master and states at its swap buffer."""
-        views = self._views(sg, buf)
-        sg.master.data = views[0]
-        if sg.has_state:
-            self.optimizer.state[sg.master] = {**sg.scalars, **{k: v for (k, _), v in zip(self.state_layout, views[1:])}}
-
-    def _detach(self, sg: _SubGroup, buf: torch.Tensor) -> None:
-        """Move states the optimizer created into the buffer (first step), keep scalars, drop the rest."""
-        views = self._views(sg, buf)
-        state = self.optimizer.state.pop(sg.master, {})
-        for (key, _), view in zip(self.state_layout, views[1:]):
-            if key in state and state[key].data_ptr() != view.data_ptr():
-                view.copy_(state[key].reshape(-1))
-        sg.scalars = {k: v for k, v in state.items() if k not in dict(self.state_layout)}
-        sg.has_state = bool(state)
-        sg.master.data = torch.empty(0, dtype=torch.float32)
+                swap.retire_write()
+        swap.flush()
 
     def _materialized(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """A sub-group's master and states as tensors this caller may keep (NVMe: read from disk)."""
         sg = self.sub_groups[i]
-        if not self.nvme:
+        if self.swap is None:
             return sg.master.detach(), dict(self.optimizer.state.get(sg.master, {}))
-        buf, request = self._read(i)
-        request.wait()
-        views = [v.clone() for v in self._views(sg, buf)]
-        self._free.append(buf)
-        state = {**sg.scalars, **{k: v for (k, _), v in zip(self.state_layout, views[1:])}} if sg.has_state else {}
-        return views[0], state
+        return self.swap.stored(i, sg)
 
     # ---- whole partitions, for checkpoints ---------------------------------------------------------
     def group_master_and_state(self, g: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -410,20 +317,20 @@ class OffloadedOptimizer:
             own = {k: (v[at:at + sg.numel].clone() if torch.is_tensor(v) and v.dim() > 0 and v.numel() == master.numel()
                        else (v.clone() if torch.is_tensor(v) else v)) for k, v in state.items()}
             at += sg.numel
-            if self.nvme:
-                buf = self._acquire()
-                views = self._views(sg, buf)
+            if self.swap is not None:
+                buf = self.swap.acquire()
+                views = self.swap.views(sg, buf)
                 views[0].copy_(piece)
-                for (key, _), view in zip(self.state_layout, views[1:]):
+                for (key, _), view in zip(self.swap.state_layout, views[1:]):
                     if key in own:
                         view.copy_(own.pop(key).reshape(-1))
                 sg.scalars, sg.has_state = own, bool(state)
-                self.swap.write(i, buf[:self.footprint[id(sg)]]).wait()
+                self.swap.write_now(i, buf, self.swap.footprint[i])
                 sg.master.data = views[0]
                 self._copy_back([sg])
                 self._device_sync()
                 sg.master.data = torch.empty(0, dtype=torch.float32)
-                self._free.append(buf)
+                self.swap.release(buf)
             else:
                 sg.master.data.copy_(piece)
                 if own:
@@ -439,12 +346,12 @@ class OffloadedOptimizer:
         for i, sg in enumerate(self.sub_groups):
             if wanted is not None and not any(id(seg) in wanted for seg, *_ in sg.pieces):
                 continue
-            if self.nvme:
-                buf, request = self._read(i)
+            if self.swap is not None:
+                buf, request = self.swap.read(i, sg)
                 request.wait()
-                self._fill_master(sg, self._views(sg, buf)[0])
-                self.swap.write(i, buf[:self._state_bytes(sg)]).wait()
-                self._free.append(buf)
+                self._fill_master(sg, self.swap.views(sg, buf)[0])
+                self.swap.write_now(i, buf, self.swap.state_bytes(i, sg))
+                self.swap.release(buf)
             else:
                 self._fill_master(sg, sg.master.data)
 
@@ -453,10 +360,8 @@ class OffloadedOptimizer:
         """Bytes by where they live: host memory (`cpu_*`) and the swap file (`nvme_*`)."""
         masters = sum(sg.numel for sg in self.sub_groups) * 4
         staging = sum(t.numel() * t.element_size() for t in self._staging)
-        if self.nvme:
-            states = sum(self.footprint.values()) - masters
-            return {"cpu_swap_buffers": sum(b.numel() for b in self.buffers), "cpu_gradient_staging": staging,
-                    "nvme_master_weights": masters, "nvme_optimizer_states": max(0, states), "nvme_file": self.swap.nbytes}
+        if self.swap is not None:
+            return {**self.swap.memory_breakdown(masters), "cpu_gradient_staging": staging}
         states = sum(v.numel() * v.element_size() for sg in self.sub_groups
                      for v in self.optimizer.state.get(sg.master, {}).values() if torch.is_tensor(v))
         return {"cpu_master_weights": masters, "cpu_optimizer_states": states, "cpu_gradient_staging": staging}
@@ -473,7 +378,6 @@ class OffloadedOptimizer:
     def close(self) -> None:
         if self.swap is not None:
             self.swap.close()
-            self.aio.close()
             self.swap = None
 
 

@@ -6,11 +6,12 @@ tensors to named regions of it through an `AsyncIO` pool. Everything a user can 
 path, a file instead of a folder, no permission, not enough space) fails at start-up with
 `NvmeSwapError` naming the config key, the path and the fix, instead of mid-training.
 
-Cleanup: `close()` deletes the file (and the `shardspeed_swap` folder once empty); a
-`weakref.finalize` does the same when the object is collected or at interpreter exit if `close()`
-was never called. A process killed by SIGKILL (or SIGTERM without a handler) cannot clean up:
-its leftover files carry its pid in their name, so they can be told apart from live ones and
-removed by hand.
+Cleanup: the file is unlinked as soon as it is open, so no name is left behind however the
+process ends (`os._exit` in a launcher or a forked worker, SIGKILL): the kernel frees the space
+when the last descriptor closes. `close()` (or a `weakref.finalize` when the object is collected,
+or at interpreter exit) closes the descriptors and removes the `shardspeed_swap` folder once
+empty. A start-up finds files that an older version or a crash between create and unlink left
+there: those whose pid is no longer running are removed, with a warning naming them.
 
 O_DIRECT: by default the file is also opened with `os.O_DIRECT` (silently skipped where the
 filesystem refuses it, e.g. tmpfs) and aligned blocks bypass the page cache. The default was picked
@@ -36,6 +37,7 @@ import errno
 import logging
 import os
 import pathlib
+import re
 import shutil
 import threading
 import uuid
@@ -110,7 +112,7 @@ def _cleanup(state: _State) -> None:
         if fd is not None and fd >= 0:
             os.close(fd)
     try:
-        state.path.unlink()
+        state.path.unlink()  # unlinked at start-up already, unless that start-up failed before it
     except FileNotFoundError:
         pass
     try:
@@ -143,14 +145,16 @@ class SwapSpace:
             cursor += cap
         self.nbytes: int = cursor
         folder = self._prepare_folder(nvme_path)
+        remove_stale_files(folder)
         self._check_free_space(folder)
-        self.path: pathlib.Path = self._create_file(folder, kind, rank)
+        self.path: pathlib.Path = self._create_file(folder, kind, rank)  # its name until it is unlinked below
         self._state = _State(self.path)
         self._finalizer = weakref.finalize(self, _cleanup, self._state)
         self._state.fd = os.open(self.path, os.O_RDWR)
-        self._allocate(fast_init)
         if o_direct:
             self._state.direct_fd = _open_direct(self.path)
+        self.path.unlink()  # open descriptors keep the file; no exit can leave its name behind
+        self._allocate(fast_init)
         self._last: dict[Hashable, tuple[bool, IORequest]] = {}  # key -> (was a write, latest request)
 
     # ---- start-up checks -------------------------------------------------------------------------
@@ -256,6 +260,38 @@ class SwapSpace:
         pending[:] = [r for r in pending if not r.done()]
         pending.append(req)
         return req
+
+
+_SWAP_NAME = re.compile(r"^[a-z]+_rank\d+_pid(\d+)_[0-9a-f]{8}\.swp$")
+
+
+def remove_stale_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """Remove swap files in `folder` whose process is gone (named by an older version or by a crash
+    between create and unlink); returns them. Files of running processes are left alone."""
+    removed = []
+    for path in folder.glob("*.swp"):
+        match = _SWAP_NAME.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        logger.warning("removed %d swap file(s) left by processes that no longer run: %s", len(removed),
+                       ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _open_direct(path: pathlib.Path) -> int | None:

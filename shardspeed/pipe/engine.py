@@ -26,7 +26,7 @@ from ..comm.topology import Topology
 from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
 from ..runtime.engine import BACKWARD, FORWARD, STEP, ShardspeedEngine
-from ..runtime.loss_scaler import LossScaler
+from ..optim.loss_scaler import LossScaler
 from . import checkpoint as pipe_checkpoint
 from .module import PipelineError, PipelineModule
 from .p2p import Activation, StageChannel, floating, make_p2p_groups
@@ -64,6 +64,8 @@ class _Run:
 
 class PipelineEngine(ShardspeedEngine):
     """Built by `shardspeed.initialize(model=PipelineModule(...))`; use `train_batch` / `eval_batch`."""
+
+    _is_pipeline = True
 
     def __init__(self, module: PipelineModule, config: ShardspeedConfig, topology: Topology,
                  optimizer: torch.optim.Optimizer | None, lr_scheduler: Any, loss_scaler: LossScaler,
@@ -333,11 +335,6 @@ class _TouchGradients(torch.autograd.Function):
 
 
 def _check_config(config: ShardspeedConfig, module: PipelineModule) -> None:
-    stage = config.zero_optimization.stage
-    if stage >= 2:
-        raise ConfigError(f"`zero_optimization.stage` is {stage}, but pipeline parallelism works with ZeRO stages 0 and 1 "
-                          "only (as in DeepSpeed: stage 2 would reduce gradients every micro batch, stage 3 would gather "
-                          "each stage's parameters); set `zero_optimization.stage` to 0 or 1")
     stages = config.pipeline.stages
     if isinstance(stages, int) and stages != module.num_stages:
         raise ConfigError(f"`pipeline.stages` is {stages} but the PipelineModule has {module.num_stages} stages; "

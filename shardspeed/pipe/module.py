@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..comm.init import init_distributed
+from ..comm.groups import groups_for
 from ..comm.topology import PipeDataParallelTopology, ProcessTopology, Topology
 from .partition import partition, stage_of
 
@@ -175,11 +176,11 @@ class PipelineModule(nn.Module):
                              if isinstance(s, TiedLayerSpec) and s.key == key})
             if len(stages) < 2:
                 continue
-            for fiber in _fibers(self._topo, others):
-                ranks = tuple(self._topo.get_rank(pipe=s, **fiber) for s in stages)
-                group = dist.new_group(list(ranks))  # every rank creates every group, in the same order
+            holders = [tuple(self._topo.get_rank(pipe=s, **fiber) for s in stages) for fiber in _fibers(self._topo, others)]
+            made = groups_for(holders, tag="pipe-ties")  # every rank asks for every group, in the same order
+            for fiber, ranks in zip(_fibers(self._topo, others), holders):
                 if all(getattr(me, a) == v for a, v in fiber.items()) and self.stage_id in stages:
-                    mine[key] = TieGroup(key, tuple(self.tied_weight_attrs[key]), ranks, group)
+                    mine[key] = TieGroup(key, tuple(self.tied_weight_attrs[key]), ranks, made[ranks])
         return mine
 
     # ---- tied weights ----------------------------------------------------------------------------

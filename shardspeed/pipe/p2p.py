@@ -20,6 +20,8 @@ from typing import Any, Union
 import torch
 import torch.distributed as dist
 
+from ..comm.groups import groups_for
+
 Activation = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 HEADER_SLOTS = 64
@@ -68,13 +70,14 @@ def floating(value: Activation) -> list[torch.Tensor]:
 
 
 def make_p2p_groups(pipelines: list[list[int]], rank: int) -> tuple[Any, Any]:
-    """(activation group, gradient group) of `rank`'s pipeline; collective: every rank creates every pair."""
-    mine: tuple[Any, Any] = (None, None)
+    """(activation group, gradient group) of `rank`'s pipeline; collective: every rank asks for every pair.
+
+    Two groups per pipeline so the two directions' messages never queue behind each other."""
+    activations, grads = groups_for(pipelines, tag="pipe-activations"), groups_for(pipelines, tag="pipe-grads")
     for ranks in pipelines:
-        groups = (dist.new_group(ranks), dist.new_group(ranks))
         if rank in ranks:
-            mine = groups
-    return mine
+            return activations[tuple(ranks)], grads[tuple(ranks)]
+    return None, None
 
 
 class StageChannel:

@@ -20,16 +20,18 @@ import torch
 import torch.distributed as dist
 
 from ..accelerator import get_accelerator
-from ..comm.topology import Topology
+from ..comm.topology import Axis, Topology
 from ..config.schema import ShardspeedConfig
 from ..monitor import MonitorMaster, WallClockTimers
 from ..offload.optimizer_offload import TIMER_NAMES as OFFLOAD_TIMERS
+from ..optim.loss_scaler import LossScaler
+from ..optim.precision import Precision
 from ..tensor_parallel.consolidate import full_state_dict
 from ..tensor_parallel.layers import is_tensor_parallel
 from ..zero import StepResult, ZeroStrategy, build_zero_strategy
 from ..zero.base import NormScope
+from ..zero.module_only import drop_frozen
 from . import model_checkpoint as checkpointing
-from .loss_scaler import LossScaler
 
 logger = logging.getLogger("shardspeed")
 
@@ -59,10 +61,9 @@ class ShardspeedEngine(torch.nn.Module):
         self.training_dataloader = training_dataloader
         self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
         # Stage 3 partitions parameters even without an optimizer (inference, frozen reference models).
-        self.strategy: ZeroStrategy | None = (
-            build_zero_strategy(config, module, optimizer, topology, loss_scaler, self.timers, self._norm_scope())
-            if optimizer is not None or config.zero_stage == 3 else None
-        )
+        self.strategy: ZeroStrategy = build_zero_strategy(
+            config, module, optimizer, topology, Precision.from_config(config, loss_scaler), self.timers,
+            self._norm_scope(), pipeline=self._is_pipeline)
         self.optimizer = optimizer
         self.global_steps = 0
         self.global_samples = 0
@@ -75,14 +76,16 @@ class ShardspeedEngine(torch.nn.Module):
         self._last_print = (time.perf_counter(), 0)
         self.monitor = MonitorMaster(config.tensorboard, config.csv_monitor, config.wandb, rank=self.global_rank)
 
+    _is_pipeline = False  # PipelineEngine: the module is one pipeline stage
+
     def _norm_scope(self) -> NormScope:
         """The gradient norm spans this rank's model replica (pipeline stages, tensor shards)."""
-        replica = self.topology.axis("model_parallel")
+        replica = self.topology.axis(Axis.MODEL_PARALLEL)
         return NormScope(replica.group if replica.size > 1 else None, frozenset(self._counted_elsewhere()))
 
     def _counted_elsewhere(self) -> set[torch.nn.Parameter]:
         """Parameters whose gradient another rank of the replica counts: tensor-parallel rank 0 counts the replicated ones."""
-        if self.topology.axis("tensor").rank == 0:
+        if self.topology.axis(Axis.TENSOR).rank == 0:
             return set()
         return {p for p in self.module.parameters() if not is_tensor_parallel(p)}
 
@@ -129,10 +132,10 @@ class ShardspeedEngine(torch.nn.Module):
 
     @property
     def dp_world_size(self) -> int:
-        return self.topology.axis("data").size
+        return self.topology.axis(Axis.DATA).size
 
     def get_data_parallel_rank(self) -> int:
-        return self.topology.axis("data").rank
+        return self.topology.axis(Axis.DATA).rank
 
     def get_lr(self) -> list[float]:
         return [group["lr"] for group in self.optimizer.param_groups] if self.optimizer else []
@@ -229,13 +232,10 @@ class ShardspeedEngine(torch.nn.Module):
             logger.info("[rank 0] memory breakdown (bytes): %s", self.memory_breakdown())
 
     def zero_grad(self) -> None:
-        if self.strategy is not None:
-            self.strategy.zero_grad()
+        self.strategy.zero_grad()
 
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients, master weights and optimizer states."""
-        if self.strategy is None:
-            return {"parameters": sum(p.numel() * p.element_size() for p in self.module.parameters())}
         return self.strategy.memory_breakdown()
 
     @contextmanager
@@ -266,21 +266,9 @@ class ShardspeedEngine(torch.nn.Module):
         return checkpointing.load(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                   load_lr_scheduler_states, load_module_only)
 
-    @property
-    def _partitions_parameters(self) -> bool:
-        return getattr(self.strategy, "partitions_parameters", False)
-
     def module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
         """The module's state dict. At stage 3 every rank must call it and only rank 0 gets the whole (others {})."""
-        if self._partitions_parameters:
-            return self.strategy.consolidated_state_dict(exclude_frozen_parameters)
-        return self._drop_frozen(self.module.state_dict(), exclude_frozen_parameters)
-
-    def _drop_frozen(self, state: dict[str, torch.Tensor], exclude: bool) -> dict[str, torch.Tensor]:
-        if not exclude:
-            return state
-        frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
-        return {k: v for k, v in state.items() if k not in frozen}
+        return self.strategy.module_state_dict(exclude_frozen_parameters)
 
     def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:
@@ -289,8 +277,8 @@ class ShardspeedEngine(torch.nn.Module):
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor] | None:
         """The full state dict on rank 0, None elsewhere. At stage 3 and under tensor parallelism every
         rank must call it (it gathers)."""
-        if self._partitions_parameters:
-            state = self.strategy.consolidated_state_dict(exclude_frozen_parameters)
+        if self.strategy.partitions_parameters:
+            state = self.strategy.module_state_dict(exclude_frozen_parameters)
             return state if self.global_rank == 0 else None
         state = self.whole_module_state_dict(exclude_frozen_parameters)
         return {k: v.detach().clone() for k, v in state.items()} if self.global_rank == 0 else None
@@ -298,22 +286,20 @@ class ShardspeedEngine(torch.nn.Module):
     def whole_module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
         """Whole weights, as the unsharded model names and shapes them: tensor-parallel shards are
         gathered (every rank must call it; all get the whole), stage 3 as `module_state_dict`."""
-        tp = self.topology.axis("tensor")
+        tp = self.topology.axis(Axis.TENSOR)
         if tp.size == 1:
             return self.module_state_dict(exclude_frozen_parameters)
-        return self._drop_frozen(full_state_dict(self.module, tp), exclude_frozen_parameters)
+        return drop_frozen(self.module, full_state_dict(self.module, tp), exclude_frozen_parameters)
 
     def load_module_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load whole weights into the module (at stage 3: into every rank's shards)."""
-        if self._partitions_parameters:
-            self.strategy.load_module_state_dict(state_dict, strict)
-        else:
-            self.module.load_state_dict(state_dict, strict=strict)
+        self.strategy.load_module_state_dict(state_dict, strict)
 
     def destroy(self) -> None:
+        """Remove the engine's hooks from the module and free what it holds (optimizer-side memory,
+        swap files). Dropping the last reference to an engine does the same."""
         self.monitor.close()
-        if self.strategy is not None:
-            self.strategy.close()
+        self.strategy.close()
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ..comm.topology import Axis
 from ..tensor_parallel.reshard import partition_marks, reshard_tensors, reshard_universal
 from ..zero.universal import merge_shards
 from .checkpoint_io import CheckpointError, atomic_write_bytes, fsync_dir, load_verified, read_manifest, save_torch, write_manifest
@@ -47,10 +48,10 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
          save_latest: bool, exclude_frozen: bool) -> bool:
     tag, root, partial = begin_save(engine, save_dir, tag)
     rank = engine.global_rank
-    tp = engine.topology.axis("tensor")
+    tp = engine.topology.axis(Axis.TENSOR)
     module_state = engine.module_state_dict(exclude_frozen)  # collective at stage 3 (gathers the weights)
     digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
-    if engine.topology.axis("data").rank == 0:  # one module file per tensor-parallel shard
+    if engine.topology.axis(Axis.DATA).rank == 0:  # one module file per tensor-parallel shard
         digests[model_file(tp.rank)] = save_torch(_model_state(engine, module_state, client_state), partial / model_file(tp.rank))
     gathered: list[tuple[dict[str, str], int]] = [({}, 0) for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, (digests, tp.rank))
@@ -134,7 +135,7 @@ def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         # A replicated state is the same on every data-parallel rank: its rank 0 (per tensor shard) saves it.
         "optimizer": engine.strategy.state_dict() if engine.optimizer is not None and (
-            not engine.strategy.replicated or engine.topology.axis("data").rank == 0) else None,
+            not engine.strategy.replicated or engine.topology.axis(Axis.DATA).rank == 0) else None,
         "dataloader": engine.training_dataloader.state_dict() if engine.training_dataloader is not None else None,
     }
     if torch.cuda.is_available():
@@ -171,7 +172,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder `{folder}` does not exist (tag {tag!r})")
     manifest = read_manifest(folder)
-    tp = engine.topology.axis("tensor")
+    tp = engine.topology.axis(Axis.TENSOR)
     saved_tp = int(manifest.get("tensor_parallel", 1))
     # Another tensor-parallel size: every old shard is read, merged and cut as this run cuts it.
     resharding = saved_tp != tp.size
@@ -183,8 +184,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
     else:
         model_state = load_verified(folder, model_file(tp.rank), manifest)
     engine.load_module_state_dict(model_state["module"], strict=strict)
-    if engine.strategy is not None:
-        engine.strategy.sync_masters_from_model()
+    engine.strategy.sync_masters_from_model()
     if load_module_only:
         return str(folder), model_state["client_state"]
     saved_world = int(manifest.get("world_size", 1))
@@ -235,7 +235,7 @@ def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, e
     At stage 3 the weights are gathered only when `stage3_gather_16bit_weights_on_model_save` is
     set; otherwise nothing is written and False is returned, as DeepSpeed does.
     """
-    if engine.zero_optimization_stage() == 3 and not engine.config.zero_optimization.gather_16bit_weights_on_model_save:
+    if engine.strategy.partitions_parameters and not engine.config.zero_optimization.gather_16bit_weights_on_model_save:
         if engine.global_rank == 0:
             import logging
 

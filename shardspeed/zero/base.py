@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from ..comm.topology import AxisGroup
+
 # DeepSpeed and torch both add this to the norm before dividing, so a zero norm never divides by 0.
 CLIP_EPS = 1e-6
 
@@ -43,10 +45,38 @@ class NormScope:
         return self.group is not None or bool(self.counted_elsewhere)
 
 
+@dataclass(frozen=True)
+class ParamGroupComm:
+    """The process group each optimizer param group's gradients are reduced over and its states
+    partitioned across: `data` for all, unless `per_group[g]` names another (DeepSpeed's MoE param
+    groups, marked `"moe": True`, use the expert-data-parallel group).
+
+    `norm_extra[g]`, where given, is the group a param group's squared gradient norm is summed over
+    after its own: expert parameters differ across the expert-parallel ranks, so their part of the
+    global norm needs that second sum; dense parameters must not take it (they would count twice).
+    """
+
+    data: AxisGroup
+    per_group: tuple[AxisGroup | None, ...] = ()
+    norm_extra: tuple[AxisGroup | None, ...] = ()
+
+    def axis(self, g: int) -> AxisGroup:
+        found = self.per_group[g] if g < len(self.per_group) else None
+        return found if found is not None else self.data
+
+    def axes(self, groups: int) -> list[AxisGroup]:
+        return [self.axis(g) for g in range(groups)]
+
+    def extra(self, g: int) -> AxisGroup | None:
+        return self.norm_extra[g] if g < len(self.norm_extra) else None
+
+
 class ZeroStrategy(Protocol):
     """What the engine asks of a stage. One object per engine, chosen by `build_zero_strategy`."""
 
-    optimizer: torch.optim.Optimizer  # the torch optimizer whose param_groups the LR schedule drives
+    optimizer: torch.optim.Optimizer | None  # the torch optimizer whose param_groups the LR schedule drives
+    replicated: bool  # True when every rank's state_dict() is the same (only rank 0 saves it)
+    partitions_parameters: bool  # True when no rank holds whole parameters (stage 3)
 
     def prepare_backward(self, boundary: bool) -> None:
         """Before a backward: whether this micro step ends an accumulation window."""
@@ -60,8 +90,6 @@ class ZeroStrategy(Protocol):
     def zero_grad(self) -> None:
         """Forget accumulated gradients (after a step)."""
 
-    replicated: bool  # True when every rank's state_dict() is the same (only rank 0 saves it)
-
     def state_dict(self) -> dict[str, Any]:
         """Optimizer-side state this rank holds, for checkpoints (see `universal`)."""
 
@@ -71,28 +99,65 @@ class ZeroStrategy(Protocol):
     def load_universal(self, universal: dict[str, Any]) -> None:
         """Load weights and optimizer states given per parameter name (`universal.merge_shards`)."""
 
+    def module_state_dict(self, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+        """The module's whole weights (stage 3: gathered, collective; on data-parallel rank 0 only, {} elsewhere)."""
+
+    def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load whole weights into the module (stage 3: into every rank's shards)."""
+
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, gradients, master_weights, optimizer_states."""
 
     def close(self) -> None:
-        """Remove hooks from the module (the engine is being destroyed)."""
+        """Remove hooks from the module and free what the strategy holds (the engine is being destroyed)."""
 
 
-def grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None = None,
-              model_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """The L2 norm of all `grads` in fp32; the squared sums are first added across `group` (data
-    parallel) and then across `model_group` (the rest of the model replica), where given."""
-    if grads:
-        # Accumulates in fp32 without an fp32 copy of 16-bit gradients (that copy would be 2x their size at once).
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        squared = torch.stack(norms).square().sum()
-    else:
-        squared = torch.zeros((), dtype=torch.float32)
-    if group is not None:
-        dist.all_reduce(squared, group=group)
+@dataclass(frozen=True)
+class NormPiece:
+    """Gradients whose squares add into the global norm, and how far they must be summed: over
+    `axis` (disjoint partitions; None when every rank of it holds the same values already), then
+    over `extra` (ParamGroupComm.norm_extra)."""
+
+    grads: list[torch.Tensor]
+    axis: AxisGroup | None = None
+    extra: AxisGroup | None = None
+
+
+def grad_norm(pieces: list[NormPiece], model_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The fp32 L2 norm of all pieces' gradients: each piece's squares summed over its groups (one
+    collective per distinct pair of groups), then across `model_group` (the rest of the replica)."""
+    sums: dict[tuple[int, int], tuple[torch.Tensor, AxisGroup | None, AxisGroup | None]] = {}
+    for piece in pieces:
+        key = (id(piece.axis), id(piece.extra))
+        squared = _squares(piece.grads)
+        if key in sums:
+            squared = squared + sums[key][0]
+        sums[key] = (squared, piece.axis, piece.extra)
+    total: torch.Tensor | None = None
+    for squared, axis, extra in sums.values():
+        for group in (axis, extra):
+            if group is not None and group.size > 1:
+                dist.all_reduce(squared, group=group.group)
+        total = squared if total is None else total + squared
+    if total is None:
+        total = torch.zeros((), dtype=torch.float32)
     if model_group is not None:
-        dist.all_reduce(squared, group=model_group)
-    return squared.sqrt()
+        dist.all_reduce(total, group=model_group)
+    return total.sqrt()
+
+
+# 16-bit gradients are normed in pieces of at most this many elements: on the CPU each piece is
+# upcast to fp32 on its own, so the temporary is 4 MiB, not twice the gradients' size.
+NORM_PIECE = 1 << 20
+
+
+def _squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    pieces = [piece for g in grads for piece in (g.reshape(-1).split(NORM_PIECE) if g.dtype != torch.float32 and
+                                                 g.numel() > NORM_PIECE else (g,))]
+    norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
 
 
 def scaled_backward(loss: torch.Tensor, scale: float, retain_graph: bool = False) -> None:
@@ -107,16 +172,14 @@ def clip_factor(norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (norm + CLIP_EPS))
 
 
-def unscale_and_clip_factor(grads: list[torch.Tensor], loss_scaler: Any, group: dist.ProcessGroup | None,
-                            check_overflow: bool, max_norm: float,
+def unscale_and_clip_factor(pieces: list[NormPiece], loss_scaler: Any, check_overflow: bool, max_norm: float,
                             model_group: dist.ProcessGroup | None = None) -> tuple[StepResult, float]:
-    """The step's verdict from disjoint gradient partitions, and the factor to multiply them by.
+    """The step's verdict from the gradient pieces, and the factor to multiply them by.
 
-    Partitions are disjoint: their squared norms add up across ranks to the global norm, and an
-    inf/nan on any rank makes the sum inf/nan on every rank, so all ranks skip together.
+    An inf/nan on any rank makes the summed norm inf/nan on every rank, so all ranks skip together.
     """
     scale = loss_scaler.loss_scale
-    norm = grad_norm(grads, group=group, model_group=model_group).item() / scale
+    norm = grad_norm(pieces, model_group).item() / scale
     overflow = check_overflow and not math.isfinite(norm)
     loss_scaler.update_scale(overflow)
     if overflow:
@@ -125,15 +188,12 @@ def unscale_and_clip_factor(grads: list[torch.Tensor], loss_scaler: Any, group: 
 
 
 def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
-                    loss_scaler: Any, group: dist.ProcessGroup | None, check_overflow: bool, max_norm: float,
-                    norm_grads: list[torch.Tensor] | None = None, model_group: dist.ProcessGroup | None = None) -> StepResult:
-    """Unscale, check overflow, clip on the global norm and step fp32 masters from disjoint gradient partitions.
-
-    `norm_grads`: what the norm is taken over when it is not all of `grads` (see NormScope).
-    """
+                    pieces: list[NormPiece], loss_scaler: Any, check_overflow: bool, max_norm: float,
+                    model_group: dist.ProcessGroup | None = None) -> StepResult:
+    """Unscale, check overflow, clip on the global norm (over `pieces`) and step fp32 masters from
+    their gradient partitions."""
     grads = [g if g.dtype == torch.float32 else g.float() for g in grads]
-    result, factor = unscale_and_clip_factor(grads if norm_grads is None else norm_grads, loss_scaler, group,
-                                             check_overflow, max_norm, model_group)
+    result, factor = unscale_and_clip_factor(pieces, loss_scaler, check_overflow, max_norm, model_group)
     if not result.applied:
         return result
     for master, grad in zip(masters, grads):

@@ -1,22 +1,32 @@
-"""The one place a ZeRO stage is chosen; the engine never branches on the stage elsewhere."""
+"""The one place a ZeRO stage is chosen; the engine never branches on the stage elsewhere.
+
+A strategy gets its typed config section (`zero_optimization`), a `Precision`, the process group of
+every optimizer param group (`ParamGroupComm`) and the reduction options: nothing else of the config.
+"""
 from __future__ import annotations
+
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from functools import partial
-from typing import Any, Callable
-
-from ..comm.topology import Topology
+from ..comm.topology import Axis, Topology
 from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
-from ..offload.optimizer_offload import OffloadedOptimizer, Segment
-from ..runtime.loss_scaler import LossScaler
-from .base import NormScope, ZeroStrategy
+from ..offload.optimizer_offload import OffloadedOptimizer
+from ..optim.precision import Precision
+from .base import NormScope, ParamGroupComm, ZeroStrategy
+from .module_only import ModuleOnly
 from .param_shards import is_partitioned
 from .partitioned import PartitionedOptimizer
-from .stage3 import Stage3Optimizer
+from .reducer import ReduceOptions
 from .stage0 import ReplicatedOptimizer
+from .stage3 import Offload, Stage3Optimizer
+
+STAGE3_WITH_MODEL_PARALLEL = (
+    "`zero_optimization.stage` 3 does not compose with tensor or pipeline parallelism in shardspeed (as in DeepSpeed's "
+    "AutoTP training: stages 0-2); set `zero_optimization.stage` to 1 or 2, or `tensor_parallel.autotp_size` to 1")
 
 _COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -27,57 +37,59 @@ def build_zero_strategy(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     topology: Topology,
-    loss_scaler: LossScaler,
+    precision: Precision,
     timers: Any = None,
     norm_scope: NormScope = NormScope(),
+    pipeline: bool = False,
 ) -> ZeroStrategy:
-    """`norm_scope`: how the gradient norm spans a model replica split over ranks (pipeline, tensor parallel)."""
+    """`norm_scope`: how the gradient norm spans a model replica split over ranks (pipeline, tensor
+    parallel); `pipeline`: the module is one stage of a pipeline."""
+    zero = cfg.zero_optimization
+    check_zero_config(cfg, module, norm_scope, pipeline)
+    if optimizer is not None and zero.stage > 0:
+        check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
+    comm = param_group_comm(topology, optimizer)
+    reduce = ReduceOptions(_COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None,
+                           cfg.gradient_predivide_factor if cfg.prescale_gradients else None)
+    offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
+    if zero.stage == 3:
+        return Stage3Optimizer(module, optimizer, zero, precision, comm, reduce, offload=offload, aio=cfg.aio)
+    if optimizer is None:
+        return ModuleOnly(module, comm.data)
+    if zero.stage in (1, 2):
+        return PartitionedOptimizer(module, optimizer, zero, precision, comm, reduce, offload=offload, norm_scope=norm_scope)
+    return ReplicatedOptimizer(module, optimizer, zero, precision, comm, reduce, norm_scope=norm_scope)
+
+
+def param_group_comm(topology: Topology, optimizer: torch.optim.Optimizer | None) -> ParamGroupComm:
+    """Data parallel for every param group, except DeepSpeed's MoE groups (`"moe": True`): those
+    reduce over the expert-data-parallel group and complete their norm over the expert group."""
+    data = topology.axis(Axis.DATA)
+    groups = optimizer.param_groups if optimizer is not None else []
+    moe = [bool(group.get("moe", False)) for group in groups]
+    if not any(moe):
+        return ParamGroupComm(data)
+    edp, ep = topology.axis(Axis.EXPERT_DATA), topology.axis(Axis.EXPERT)
+    return ParamGroupComm(data, tuple(edp if m else None for m in moe), tuple(ep if m else None for m in moe))
+
+
+def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope: NormScope, pipeline: bool) -> None:
+    """Combinations of the ZeRO stage with the rest of the job that shardspeed refuses, naming the keys."""
     zero = cfg.zero_optimization
     _check_param_offload(cfg)
-    offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
-    comm_dtype = _COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None
-    predivide = cfg.gradient_predivide_factor if cfg.prescale_gradients else None
-    check_overflow = cfg.fp16.enabled or (cfg.bf16.enabled and cfg.bf16.check_grad_overflow)
     if zero.stage < 3 and any(is_partitioned(p) for p in module.parameters()):
         raise ConfigError(f"the model was built under shardspeed.zero.Init (its parameters are partitioned) but "
                           f"`zero_optimization.stage` is {zero.stage}; set it to 3")
-    if zero.stage == 3:
-        if norm_scope.spans_ranks:
-            raise ConfigError("`zero_optimization.stage` 3 does not compose with tensor or pipeline parallelism in shardspeed "
-                              "(as in DeepSpeed's AutoTP training: stages 0-2); set `zero_optimization.stage` to 1 or 2, "
-                              "or `tensor_parallel.autotp_size` to 1")
-        if optimizer is not None:
-            _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
-        return Stage3Optimizer(
-            module, optimizer, topology.axis("data"), loss_scaler,
-            prefetch_bucket_size=zero.prefetch_bucket_size,
-            param_persistence_threshold=zero.param_persistence_threshold,
-            model_persistence_threshold=zero.model_persistence_threshold,
-            max_live_parameters=zero.max_live_parameters, max_reuse_distance=zero.max_reuse_distance,
-            check_overflow=check_overflow, comm_dtype=comm_dtype, predivide=predivide,
-            leaf_modules=zero.leaf_module, module_granularity_threshold=zero.module_granularity_threshold,
-            offload=offload, offload_param=zero.offload_param, aio=cfg.aio,
-            memory_efficient_linear=zero.memory_efficient_linear,
-        )
-    if zero.stage in (1, 2):
-        _check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
-        dp = topology.axis("data")
-        return PartitionedOptimizer(
-            module, optimizer, dp, loss_scaler, stage=zero.stage,
-            reduce_bucket_size=zero.reduce_bucket_size, allgather_bucket_size=zero.allgather_bucket_size,
-            # gloo's reduce-scatter is an all-reduce underneath: one all-reduce is the cheaper way there.
-            reduce_scatter=zero.reduce_scatter and dist.get_backend(dp.group) != "gloo",
-            overlap_comm=zero.overlap_comm_resolved, check_overflow=check_overflow,
-            comm_dtype=comm_dtype, predivide=predivide, offload=offload, norm_scope=norm_scope,
-        )
-    if offload is not None:
+    if pipeline and zero.stage >= 2:
+        raise ConfigError(f"`zero_optimization.stage` is {zero.stage}, but pipeline parallelism works with ZeRO stages 0 and 1 "
+                          "only (as in DeepSpeed: stage 2 would reduce gradients every micro batch, stage 3 would gather "
+                          "each stage's parameters); set `zero_optimization.stage` to 0 or 1")
+    if zero.stage == 3 and norm_scope.spans_ranks:
+        raise ConfigError(STAGE3_WITH_MODEL_PARALLEL)
+    section = zero.offload_optimizer
+    if zero.stage == 0 and section is not None and section.device != "none":
         raise ConfigError("`zero_optimization.offload_optimizer` needs ZeRO stage 1, 2 or 3 (it offloads the partitioned "
                           "optimizer states); set `zero_optimization.stage` to 1 or higher, or offload_optimizer.device to \"none\"")
-    return ReplicatedOptimizer(
-        module, optimizer, topology.axis("data"), loss_scaler,
-        bucket_elements=zero.reduce_bucket_size, check_overflow=check_overflow,
-        comm_dtype=comm_dtype, predivide=predivide, norm_scope=norm_scope,
-    )
 
 
 def _check_param_offload(cfg: ShardspeedConfig) -> None:
@@ -98,7 +110,7 @@ def _check_param_offload(cfg: ShardspeedConfig) -> None:
                               "`zero_optimization.offload_optimizer.device` to \"cpu\" or \"nvme\"")
 
 
-def _optimizer_offload(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer, timers: Any) -> Callable[[list[list[Segment]]], OffloadedOptimizer] | None:
+def _optimizer_offload(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer, timers: Any) -> Offload | None:
     """How the stage builds its offloaded optimizer from its partition segments, or None without offload."""
     zero = cfg.zero_optimization
     section = zero.offload_optimizer
@@ -113,16 +125,16 @@ def _optimizer_offload(cfg: ShardspeedConfig, optimizer: torch.optim.Optimizer, 
 
 
 def _elementwise_optimizers() -> tuple[type, ...]:
-    from ..runtime.optimizers.factory import AdamNoBiasCorrection
-    from ..runtime.optimizers.lion import Lion
-
     from ..offload.cpu_optimizers import DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, FusedAdam
+    from ..optim.factory import AdamNoBiasCorrection
+    from ..optim.lion import Lion
 
     o = torch.optim
-    return (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, FusedAdam, o.Adam, o.AdamW, o.SGD, o.Adagrad, o.RMSprop, o.Adamax, o.NAdam, o.RAdam, o.Adadelta, Lion, AdamNoBiasCorrection)
+    return (DeepSpeedCPUAdam, DeepSpeedCPUAdagrad, FusedAdam, o.Adam, o.AdamW, o.SGD, o.Adagrad, o.RMSprop, o.Adamax, o.NAdam,
+            o.RAdam, o.Adadelta, Lion, AdamNoBiasCorrection)
 
 
-def _check_partitionable(optimizer: torch.optim.Optimizer, allowed: bool) -> None:
+def check_partitionable(optimizer: torch.optim.Optimizer, allowed: bool) -> None:
     """ZeRO steps flat partitions, which is exact only for optimizers that update element by element.
 
     Lamb's per-parameter trust ratio, for one, would be computed over a partition instead.

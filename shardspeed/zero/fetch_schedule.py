@@ -79,6 +79,12 @@ class FetchSchedule:
             yield i, self.trace[i].units
             i += 1
 
+    def prefetched_ahead(self) -> int:
+        """Elements of the events between now and the prefetch cursor (already on their way)."""
+        if not self.valid:
+            return 0
+        return self._prefix[min(self._cursor, len(self.trace))] - self._prefix[self._pos]
+
     def prefetched_through(self, position: int) -> None:
         self._cursor = max(self._cursor, position + 1)
 

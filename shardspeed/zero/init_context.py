@@ -31,17 +31,52 @@ _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 class _StandaloneManager:
     """Manages parameters partitioned by zero.Init until an engine adopts them.
 
-    Touching one is an error, except inside a `_GatherOnTouch` scope (a model's weight
-    initialisation), which gathers what is touched and keeps rank 0's values on exit.
+    Inside the Init context a touched parameter is gathered, so in-place initialisation after
+    partitioning (a parent re-initialising its children's weights, nanoGPT's scaled init, `.data`
+    edits) sees and draws exactly what it would on the whole model. Inside a `_GatherOnTouch`
+    scope (`apply`, Hugging Face's `_init_weights`) the scope keeps what it gathered until it ends;
+    elsewhere the last few touched units stay gathered (so one initialisation of a parameter,
+    or an expression over several, gathers each once) until a module's construction ends or they
+    fall out of the window. Settling a unit keeps rank 0's values (as `initialize` would after
+    building the model whole) and releases it. Outside the context, touching one is an error.
     """
+
+    WINDOW = 8  # units kept gathered by loose touches at once
 
     def __init__(self) -> None:
         self.scopes: list[_GatherOnTouch] = []
+        self.active = False  # inside the Init context
+        self.window: dict[Unit, None] = {}  # gathered by touches outside any scope, oldest first
 
     def touched(self, param: torch.nn.Parameter) -> None:
-        if not self.scopes:
+        unit = param.ds_unit
+        if self.scopes:
+            self.scopes[-1].add(unit)
+        elif self.active:
+            if unit in self.window:
+                self.window[unit] = self.window.pop(unit)  # most recent last
+                return
+            unit.gather()
+            self.window[unit] = None
+            while len(self.window) > self.WINDOW:
+                self._settle(next(iter(self.window)))
+        else:
             raise not_gathered_error(param)
-        self.scopes[-1].add(param.ds_unit)
+
+    def touched_data(self, param: torch.nn.Parameter) -> None:
+        if self.scopes or self.active:
+            self.touched(param)
+
+    def settle(self) -> None:
+        """Make every unit gathered by a loose touch every rank's shards (rank 0's values) and release it."""
+        for unit in list(self.window):
+            self._settle(unit)
+
+    def _settle(self, unit: Unit) -> None:
+        del self.window[unit]
+        if unit.full is not None:
+            unit.keep_values_of(0)
+            unit.release()
 
     def refresh_masters(self, unit: Unit) -> None:
         pass
@@ -55,13 +90,14 @@ class _GatherOnTouch:
 
     def __init__(self, manager: _StandaloneManager) -> None:
         self.manager = manager
-        self.units: list[Unit] = []
+        self.units: dict[Unit, None] = {}
 
     def add(self, unit: Unit) -> None:
         unit.gather()
-        self.units.append(unit)
+        self.units[unit] = None
 
     def __enter__(self) -> None:
+        self.manager.settle()  # the scope may touch the unit a loose touch left gathered
         self.manager.scopes.append(self)
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -134,6 +170,7 @@ class Init:
     def __enter__(self) -> "Init":
         if not self.enabled:
             return self
+        self.manager.active = True
         # Tensors are created where they will live, so every initialiser draws from that device's
         # generator: the same numbers as building the model whole there.
         self._device_mode = torch.device(self.device) if self.device.type != "cpu" else None
@@ -157,6 +194,9 @@ class Init:
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
+        if exc[0] is None:
+            self.manager.settle()
+        self.manager.active = False
         for cls, attr, original in reversed(self._patched):
             if original is None:
                 delattr(cls, attr)
@@ -191,6 +231,7 @@ class Init:
                 if outermost:
                     del ctx._depth[key]
             if outermost:
+                ctx.manager.settle()  # in-place initialisation of children ends with their parent's __init__
                 ctx._partition_module(module)
 
         return __init__

@@ -13,38 +13,26 @@ object (not its storage) for leaf tensors it saved, swapping `.data` back in bef
 module's backward is enough for backward to see the weights.
 
 A fresh buffer is allocated for every gather and never reused, so a view that some op saved
-for backward (`weight.t()`) keeps reading the values it was computed from.
+for backward (`weight.t()`) keeps reading the values it was computed from. Several units may be
+gathered by one collective (`gather.GatherBatch`): their whole tensors are then views of one
+buffer, freed once the last of them is released.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from ..comm.collectives import CommPolicy
 from ..comm.topology import AxisGroup
 from .layout import ALIGN
 
 
 class ParameterNotGatheredError(RuntimeError):
     pass
-
-
-# With one rank, gathers and reductions are plain copies. The GPU check (benchmarks/gpu_zero3.py)
-# turns this on to run the NCCL collectives' code path on a single GPU.
-COLLECTIVES_AT_WORLD_1 = False
-
-
-# On gloo, units bigger than this are gathered by the masked all-reduce, smaller ones by all-gather.
-# Measured here (benchmarks/RESULTS.md, ZeRO stage 3, A/B at world 2 on a quiet machine): all-gather
-# was 4 % faster (within noise) but raised peak RSS per rank by 130 MiB (two buffers per unit, and
-# glibc keeps the freed ones), past DDP's; so every unit takes the all-reduce path by default.
-GLOO_ALL_REDUCE_GATHER_ABOVE = 0
-
-
-def needs_collective(dp: AxisGroup) -> bool:
-    return dp.size > 1 or COLLECTIVES_AT_WORLD_1
 
 
 def shard_numel(numel: int, world: int) -> int:
@@ -58,6 +46,10 @@ class Manager(Protocol):
 
     def touched(self, param: torch.nn.Parameter) -> None:
         """Gather `param` now (inside a managed forward/backward) or raise ParameterNotGatheredError."""
+
+    def touched_data(self, param: torch.nn.Parameter) -> None:
+        """`param.data` is being read while released: gather it where that is safe, or leave it (the
+        reader then sees an empty tensor, as DeepSpeed's users do)."""
 
     def refresh_masters(self, unit: "Unit") -> None:
         """The unit's shards were rewritten from whole values: update anything derived from them."""
@@ -75,6 +67,9 @@ _METADATA_METHODS = frozenset({
 })
 
 
+_DATA = torch._C.TensorBase.__dict__["data"]  # reading `.data` calls this descriptor's __get__
+
+
 class ReleasedParameter(torch.nn.Parameter):
     """The class a ZeRO-3 parameter has while its full data is not on this rank."""
 
@@ -82,7 +77,10 @@ class ReleasedParameter(torch.nn.Parameter):
     def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name not in ("__get__", "__set__", "__delete__") and name not in _METADATA_METHODS:
+        if name == "__get__" and getattr(func, "__self__", None) is _DATA:
+            if args and type(args[0]) is ReleasedParameter:
+                args[0].ds_unit.manager.touched_data(args[0])  # `p.data.normal_()` in a zero.Init constructor
+        elif name not in ("__get__", "__set__", "__delete__") and name not in _METADATA_METHODS:
             for arg in _tensor_args(args, kwargs):
                 if type(arg) is ReleasedParameter:
                     arg.ds_unit.manager.touched(arg)
@@ -126,11 +124,18 @@ class Unit:
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str], dp: AxisGroup, manager: Manager,
                  dtype: torch.dtype, device: torch.device, persistent: bool = False,
-                 compute_device: torch.device | None = None, resident: bool = True) -> None:
+                 compute_device: torch.device | None = None, resident: bool = True,
+                 storage: torch.Tensor | None = None, policy: CommPolicy | None = None) -> None:
+        """`storage`: where this rank's shards live (a view of a larger buffer); allocated here when
+        not given and `resident`. Not resident: the shards are on NVMe (`swapper` and `key` set by
+        the owner before `adopt`)."""
         self.params = params
         self.dp = dp
-        self.manager = manager
+        # Weak: parameters reach their unit, and a model that outlives its engine must not keep the
+        # engine's manager (and its optimizer state) alive.
+        self._manager = weakref.ref(manager)
         self.persistent = persistent
+        self.policy = policy if policy is not None else CommPolicy.for_group(dp.group)
         self.slots: list[ShardSlot] = []
         offset = full = 0
         for p, name in zip(params, names):
@@ -147,16 +152,29 @@ class Unit:
         # Where the shards live (host memory with offload_param) and where gathered weights go.
         self.device = torch.device(device)
         self.compute_device = torch.device(compute_device) if compute_device is not None else self.device
-        # With NVMe offload the shards are on the drive, not here: the owner sets `swapper`
-        # (offload.param_swap.ParamSwapper) and `key` (this unit's region) before `adopt`.
         self.swapper: Any = None
         self.key: Any = None
-        self.partition: torch.Tensor | None = torch.zeros(offset, dtype=dtype, device=device) if resident else None
+        if storage is not None and storage.numel() != offset:
+            raise ValueError(f"unit storage holds {storage.numel()} elements, its shards {offset}")
+        self.partition: torch.Tensor | None = (storage if storage is not None else
+                                               torch.zeros(offset, dtype=dtype, device=device) if resident else None)
         self._reading: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (pool buffer, partition, request)
         self.full: torch.Tensor | None = None
-        self._work: Any = None
-        self._landing: torch.Tensor | None = None  # where an NCCL all-gather lands before copy-out
+        self._batch: Any = None  # the gather.GatherBatch in flight that fills `full`
+        self.own_regions: Any = None  # where this rank's shards go in `full` (gather._Regions, made on first use)
         self.users = 0  # modules (or GatheredParameters blocks) using the gathered weights right now
+        # Attributes the stage-3 manager and strategy keep per unit.
+        self.group_key: Any = None
+        self.home: Any = None  # unit_plan.Home: the flat buffer `partition` is a view of
+        self.grad_partition: torch.Tensor | None = None
+        self.pending = 0
+
+    @property
+    def manager(self) -> Manager:
+        """Who handles touches of the released parameters; once that manager is gone (its engine
+        was dropped), touching is an error and releasing needs nobody."""
+        found = self._manager()
+        return found if found is not None else _ORPHANED
 
     # ---- building ------------------------------------------------------------------------------
     def adopt(self) -> None:
@@ -189,12 +207,17 @@ class Unit:
     # ---- gather / release ----------------------------------------------------------------------
     @property
     def gathered(self) -> bool:
-        return self.full is not None and self._work is None
+        return self.full is not None and self._batch is None
 
     @property
     def fetching(self) -> bool:
         """Gathered, or on its way (a collective or an NVMe read in flight)."""
         return self.full is not None or self._reading is not None
+
+    @property
+    def batchable(self) -> bool:
+        """Can join a multi-unit gather now: its shards are in memory and it is not on its way yet."""
+        return self.swapper is None and not self.fetching
 
     def start_gather(self) -> None:
         """Launch the collective that brings every rank's shards here (returns at once).
@@ -207,64 +230,33 @@ class Unit:
         if self.swapper is not None:
             self._reading = self.swapper.read(self.key, self.partition_size, self.dtype)
             return
-        self._launch(self.partition)
+        from .gather import GatherBatch
 
-    def _launch(self, source: torch.Tensor) -> None:
-        world, rank = self.dp.size, self.dp.rank
-        if source.device != self.compute_device:
-            source = source.to(self.compute_device, non_blocking=True)  # offload_param: host shards to the device
-        kind = dict(dtype=self.dtype, device=self.compute_device)
-        if not needs_collective(self.dp):
-            self.full = source.clone()
-            self._install()
-            return
-        if dist.get_backend(self.dp.group) == "gloo" and self.full_numel > GLOO_ALL_REDUCE_GATHER_ABOVE:
-            # Zeros everywhere but our shards, summed across ranks, is the gathered buffer, exactly;
-            # one buffer instead of all-gather's two (see GLOO_ALL_REDUCE_GATHER_ABOVE).
-            full = torch.zeros(self.full_numel, **kind)
-            for slot in self.slots:
-                start = slot.full_offset + rank * slot.shard
-                full[start:start + slot.shard].copy_(source[slot.offset:slot.offset + slot.shard])
-            self.full = full
-            self._work = dist.all_reduce(full, group=self.dp.group, async_op=True)
-        else:
-            self._landing = torch.empty(world * self.partition_size, **kind)
-            self.full = torch.empty(self.full_numel, **kind)
-            self._work = dist.all_gather_into_tensor(self._landing, source, group=self.dp.group, async_op=True)
+        GatherBatch.launch([self])
 
     def finish_gather(self) -> None:
         """Wait for the gather and point every parameter at its whole tensor."""
         if not self.fetching:
             self.start_gather()
         if self._reading is not None:
+            from .gather import GatherBatch
+
             buf, part, request = self._reading
             request.wait()
             self._reading = None
-            self._launch(part)
-            self._wait_collective()  # the pool buffer is reused once the collective has read it
+            GatherBatch.launch([self], sources=[part]).wait()  # the pool buffer is reused once the collective has read it
             self.swapper.release(buf)
             return
-        self._wait_collective()
-
-    def _wait_collective(self) -> None:
-        if self._work is None:
-            return
-        self._work.wait()
-        self._work = None
-        if self._landing is not None:
-            world = self.dp.size
-            blocks = self._landing.view(world, self.partition_size)
-            for slot in self.slots:
-                whole = self.full[slot.full_offset:slot.full_offset + slot.shard * world].view(world, slot.shard)
-                whole.copy_(blocks[:, slot.offset:slot.offset + slot.shard])
-            self._landing = None
-        self._install()
+        if self._batch is not None:
+            self._batch.wait()
 
     def gather(self) -> None:
         self.start_gather()
         self.finish_gather()
 
-    def _install(self) -> None:
+    def install(self) -> None:
+        """Point every parameter at its piece of `full` (gathered)."""
+        assert self.full is not None
         for p, slot in zip(self.params, self.slots):
             p.__class__ = slot.cls
             p.data = self.full[slot.full_offset:slot.full_offset + slot.numel].view(slot.shape)
@@ -273,7 +265,7 @@ class Unit:
         """Drop the gathered weights (persistent units keep theirs unless forced)."""
         if self.persistent and not force:
             return
-        if self._work is not None or self._reading is not None:
+        if self._batch is not None or self._reading is not None:
             self.finish_gather()
         empty = torch.empty(0, dtype=self.dtype, device=self.compute_device)
         for p in self.params:
@@ -306,9 +298,8 @@ class Unit:
 
     def keep_values_of(self, rank: int) -> None:
         """The gathered weights as data-parallel rank `rank` has them become every rank's shards."""
-        if self.dp.size > 1:
-            for p in self.params:
-                dist.broadcast(p.data, src=self.dp.ranks[rank], group=self.dp.group)
+        if self.dp.size > 1 and self.full is not None:
+            dist.broadcast(self.full, src=self.dp.ranks[rank], group=self.dp.group)  # one collective for the unit
         self.absorb_full()
 
     def load_whole(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -323,6 +314,25 @@ class Unit:
             self.save_partition(part)
             if self.gathered:
                 param.data.copy_(flat.view(slot.shape))
+
+
+class _Orphaned:
+    """The manager of units whose manager is gone."""
+
+    def touched(self, param: torch.nn.Parameter) -> None:
+        raise not_gathered_error(param)
+
+    def touched_data(self, param: torch.nn.Parameter) -> None:
+        pass
+
+    def refresh_masters(self, unit: Unit) -> None:
+        pass
+
+    def release_unit(self, unit: Unit) -> None:
+        unit.release()
+
+
+_ORPHANED = _Orphaned()
 
 
 def shard_of(flat: torch.Tensor, shard: int, rank: int) -> torch.Tensor:

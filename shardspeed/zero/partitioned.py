@@ -6,7 +6,7 @@ Before: every rank holds the whole model. After `PartitionedOptimizer(...)`:
   master weights (a copy for bf16/fp16; the flat buffer itself for fp32), so optimizer states are
   1/N of the model's;
 - gradients are reduced to their owners (stage 1: from a full gradient buffer at the boundary;
-  stage 2: every micro step, keeping only the owned partition), see `partitioned_grads`;
+  stage 2: every micro step, keeping only the owned partition), see `reducer`;
 - after the step, updated partitions are all-gathered back into the flat buffers, in chunks of
   `allgather_bucket_size` elements per rank.
 The torch optimizer is the user's (or the config's), untouched except that each param group now
@@ -18,13 +18,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..comm.collectives import all_gather_partitions
+from ..comm.collectives import CommPolicy, all_gather_partitions
 from ..comm.topology import AxisGroup
-from ..runtime.loss_scaler import LossScaler
+from ..config.sections import ZeroConfig
 from ..offload.optimizer_offload import OffloadedOptimizer, Segment
-from .base import NormScope, StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
-from .layout import GroupLayout, build_layout
-from .partitioned_grads import PartitionedGradients
+from ..optim.precision import Precision
+from .base import NormPiece, NormScope, ParamGroupComm, StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
+from .layout import GroupLayout, bucket_ranges, build_layout
+from .module_only import drop_frozen
+from .reducer import Bucket, GradientReducer, Member, ReduceOptions, spans_in
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
@@ -35,47 +37,70 @@ class PartitionedOptimizer:
         self,
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        dp: AxisGroup,
-        loss_scaler: LossScaler,
-        *,
-        stage: int,
-        reduce_bucket_size: int,
-        allgather_bucket_size: int,
-        reduce_scatter: bool,
-        overlap_comm: bool,
-        check_overflow: bool,
-        comm_dtype: torch.dtype | None = None,
-        predivide: float | None = None,
+        zero: ZeroConfig,
+        precision: Precision,
+        comm: ParamGroupComm,
+        reduce: ReduceOptions = ReduceOptions(),
         offload: Callable[[list[list[Segment]]], OffloadedOptimizer] | None = None,
         norm_scope: NormScope = NormScope(),
     ) -> None:
+        self.module = module
         self.optimizer = optimizer
         self.norm_scope = norm_scope
         self.offloading = offload is not None
-        self.dp = dp
-        self.loss_scaler = loss_scaler
-        self.check_overflow = check_overflow
-        self.allgather_elements = max(1, allgather_bucket_size)
+        self.comm = comm
+        self.axes = comm.axes(len(optimizer.param_groups))
+        self.loss_scaler = precision.loss_scaler
+        self.check_overflow = precision.check_overflow
+        self.allgather_elements = max(1, zero.allgather_bucket_size)
+        self.policy = CommPolicy.for_group(comm.data.group)
         names = {p: n for n, p in module.named_parameters()}
         self.module_params = list(module.parameters())
         self.layouts: list[GroupLayout] = []
         self.group_params: list[list[torch.nn.Parameter]] = []
         self.flat_params: list[torch.Tensor] = []
-        self.masters: list[torch.nn.Parameter] = []
+        self.masters: list[torch.nn.Parameter | None] = []
         self.frozen_in_groups: list[list[torch.nn.Parameter]] = []
-        for group in optimizer.param_groups:
-            self._partition_group(group, names)
-        self.grads = PartitionedGradients(
-            self.layouts, self.group_params, dp, reduce_bucket_size,
-            partition_grads=stage == 2, reduce_scatter=reduce_scatter, overlap=overlap_comm,
-            comm_dtype=comm_dtype, predivide=predivide,
-        )
+        for group, axis in zip(optimizer.param_groups, self.axes):
+            self._partition_group(group, names, axis)
+        partition_grads = zero.stage == 2
+        self.flat_grads = [] if partition_grads else [torch.zeros_like(flat) for flat in self.flat_params]
+        if partition_grads:
+            self.grad_partitions = [torch.zeros(l.partition_size, dtype=f.dtype, device=f.device)
+                                    for l, f in zip(self.layouts, self.flat_params)]
+        else:
+            self.grad_partitions = [flat[slice(*l.partition(a.rank))] for flat, l, a in zip(self.flat_grads, self.layouts, self.axes)]
+        self.reducer = GradientReducer(self._buckets(zero.reduce_bucket_size), reduce, overlap=zero.overlap_comm_resolved,
+                                       max_in_flight=1, policy=self._reduce_policy(zero))
         self.norm_ranges = self._norm_ranges()
         # With offload, fp32 masters and optimizer states live in host memory (or on NVMe) instead.
         self.offload = offload([[Segment(grad, flat[s:e])] for grad, flat, (s, e) in zip(
-            self.grads.partitions, self.flat_params, (l.partition(dp.rank) for l in self.layouts))]) if offload else None
+            self.grad_partitions, self.flat_params, (l.partition(a.rank) for l, a in zip(self.layouts, self.axes)))]) if offload else None
 
-    def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str]) -> None:
+    def _reduce_policy(self, zero: ZeroConfig) -> CommPolicy:
+        # `reduce_scatter: false` always all-reduces, as in DeepSpeed.
+        return self.policy if zero.reduce_scatter else CommPolicy(self.policy.gather_by_all_reduce, True)
+
+    def _buckets(self, cap: int) -> list[Bucket]:
+        """Contiguous ranges of each group's flat gradient (front to back: the order backward fills them),
+        each rank keeping the part inside its partition. Stage 1 reduces the kept full gradient in place;
+        stage 2 stages each micro step's gradients and adds the reduced part into its partition."""
+        buckets = []
+        for g, (layout, params, axis) in enumerate(zip(self.layouts, self.group_params, self.axes)):
+            own_start, _ = layout.partition(axis.rank)
+            for start, end in bucket_ranges(layout, cap):
+                members = [Member(p, slot.offset - start) for slot, p in zip(layout.slots, params) if start <= slot.offset < end]
+                spans = spans_in(start, end, layout.partition_size, axis.size)
+                lo, hi = spans[axis.rank]
+                dest = self.grad_partitions[g][start + lo - own_start:start + hi - own_start] if hi > lo else \
+                    self.grad_partitions[g][:0]
+                covered = members[-1].offset + members[-1].param.numel() if members else 0
+                buffer = self.flat_grads[g][start:end] if self.flat_grads else None
+                padding = [(covered, end - start)] if buffer is None and covered < end - start else []
+                buckets.append(Bucket(axis, members, end - start, spans, dest=dest, buffer=buffer, padding=padding))
+        return buckets
+
+    def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str], axis: AxisGroup) -> None:
         trainable = [p for p in group["params"] if p.requires_grad]
         if not trainable:
             raise ValueError("a ZeRO parameter group has no trainable parameters; drop the group")
@@ -83,7 +108,7 @@ class PartitionedOptimizer:
             if p not in names:
                 raise ValueError("the optimizer holds a parameter that is not in the model; ZeRO can only partition the model's parameters")
         # Flat order is reverse registration order; slots record it (see layout.build_layout).
-        layout = build_layout([(names[p], p) for p in trainable], self.dp.size)
+        layout = build_layout([(names[p], p) for p in trainable], axis.size)
         ordered = list(reversed(trainable))
         flat = torch.zeros(layout.padded_numel, dtype=trainable[0].dtype, device=trainable[0].device)
         for slot, p in zip(layout.slots, ordered):
@@ -91,7 +116,7 @@ class PartitionedOptimizer:
                 raise ValueError(f"parameter `{slot.name}` is {p.dtype} but its group holds {flat.dtype}; ZeRO needs one dtype per group")
             flat[slot.offset:slot.end].copy_(p.data.reshape(-1))
             p.data = flat[slot.offset:slot.end].view_as(p)
-        start, end = layout.partition(self.dp.rank)
+        start, end = layout.partition(axis.rank)
         own = flat[start:end]
         master = None if self.offloading else torch.nn.Parameter(own if own.dtype == torch.float32 else own.float().clone())
         self.layouts.append(layout)
@@ -102,55 +127,59 @@ class PartitionedOptimizer:
         group["params"] = [master] if master is not None else []
 
     # ---- ZeroStrategy ------------------------------------------------------------------------
+    partitions_parameters = False
+
     def prepare_backward(self, boundary: bool) -> None:
-        self.grads.prepare(boundary)
+        self.reducer.prepare(boundary)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
-    def _norm_ranges(self) -> list[tuple[int, int, int]] | None:
-        """(group, lo, hi) of this rank's gradient partitions the norm covers: all but the slots of
-        parameters another rank counts (NormScope); None when that is everything. Fixed by the layouts."""
+    def _norm_ranges(self) -> list[list[tuple[int, int]]] | None:
+        """Per group, the [lo, hi) ranges of this rank's gradient partition the norm covers: all but the
+        slots of parameters another rank counts (NormScope); None when that is everything."""
         elsewhere = self.norm_scope.counted_elsewhere
         if not elsewhere:
             return None
-        ranges = []
-        for g, (layout, params) in enumerate(zip(self.layouts, self.group_params)):
-            start, end = layout.partition(self.dp.rank)
-            cursor = start
+        per_group = []
+        for layout, params, axis in zip(self.layouts, self.group_params, self.axes):
+            start, end = layout.partition(axis.rank)
+            ranges, cursor = [], start
             for slot, p in zip(layout.slots, params):
                 lo, hi = max(start, slot.offset), min(end, slot.end)
                 if p in elsewhere and lo < hi:
                     if cursor < lo:
-                        ranges.append((g, cursor - start, lo - start))
+                        ranges.append((cursor - start, lo - start))
                     cursor = hi
             if cursor < end:
-                ranges.append((g, cursor - start, end - start))
-        return ranges
+                ranges.append((cursor - start, end - start))
+            per_group.append(ranges)
+        return per_group
 
-    def _norm_grads(self) -> list[torch.Tensor] | None:
-        """Views of the gradient partitions over `_norm_ranges` (None: all of them)."""
-        if self.norm_ranges is None:
-            return None
-        return [self.grads.partitions[g][lo:hi] for g, lo, hi in self.norm_ranges]
+    def _norm_pieces(self) -> list[NormPiece]:
+        """Each group's gradient partition (less what another rank counts), summed over its own group."""
+        pieces = []
+        for g, (grads, axis) in enumerate(zip(self.grad_partitions, self.axes)):
+            counted = [grads] if self.norm_ranges is None else [grads[lo:hi] for lo, hi in self.norm_ranges[g]]
+            pieces.append(NormPiece(counted, axis, self.comm.extra(g)))
+        return pieces
 
     def step(self, max_norm: float) -> StepResult:
-        dp_group = self.dp.group if self.dp.size > 1 else None
         model_group = self.norm_scope.group
         if self.offload is not None:
-            norm_grads = self._norm_grads()
-            result, factor = unscale_and_clip_factor(self.grads.partitions if norm_grads is None else norm_grads,
-                                                     self.loss_scaler, dp_group, self.check_overflow, max_norm, model_group)
+            result, factor = unscale_and_clip_factor(self._norm_pieces(), self.loss_scaler, self.check_overflow,
+                                                     max_norm, model_group)
             if result.applied:
                 self.offload.step(factor)
                 self._all_gather()
             return result
-        result = step_partitions(self.optimizer, self.masters, self.grads.partitions, self.loss_scaler, dp_group,
-                                 self.check_overflow, max_norm, self._norm_grads(), model_group)
+        masters = [m for m in self.masters if m is not None]
+        result = step_partitions(self.optimizer, masters, self.grad_partitions, self._norm_pieces(), self.loss_scaler,
+                                 self.check_overflow, max_norm, model_group)
         if not result.applied:
             return result
-        for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
-            start, end = layout.partition(self.dp.rank)
+        for master, flat, layout, axis in zip(masters, self.flat_params, self.layouts, self.axes):
+            start, end = layout.partition(axis.rank)
             if flat.dtype != torch.float32:
                 flat[start:end].copy_(master.detach())
         self._all_gather()
@@ -158,20 +187,30 @@ class PartitionedOptimizer:
 
     def _all_gather(self) -> None:
         """Every rank's updated partition into every rank's flat buffer."""
-        for flat, layout in zip(self.flat_params, self.layouts):
-            all_gather_partitions(flat, layout.partition_size, self.dp, self.allgather_elements)
+        for flat, layout, axis in zip(self.flat_params, self.layouts, self.axes):
+            all_gather_partitions(flat, layout.partition_size, axis, self.allgather_elements, self.policy)
 
     def zero_grad(self) -> None:
-        self.grads.zero()
+        for part in self.grad_partitions:
+            part.zero_()
+        self.reducer.zero()
+
+    def module_state_dict(self, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+        return drop_frozen(self.module, self.module.state_dict(), exclude_frozen)
+
+    def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        self.module.load_state_dict(state, strict=strict)
 
     def close(self) -> None:
-        self.grads.remove()
+        self.reducer.remove()
         if self.offload is not None:
             self.offload.close()
 
     def memory_breakdown(self) -> dict[str, int]:
         frozen = [p for p in self.module_params if not p.requires_grad]
-        parts = {"parameters": tensor_bytes(self.flat_params) + tensor_bytes(frozen), **self.grads.buffer_bytes()}
+        parts = {"parameters": tensor_bytes(self.flat_params) + tensor_bytes(frozen),
+                 "gradients": tensor_bytes(self.flat_grads or self.grad_partitions),
+                 "gradient_buckets": self.reducer.staging_bytes()}
         if self.offload is not None:
             return {**parts, "master_weights": 0, "optimizer_states": 0, **self.offload.memory_breakdown()}
         owns_copy = [m for m, f in zip(self.masters, self.flat_params) if f.dtype != torch.float32]
@@ -181,7 +220,9 @@ class PartitionedOptimizer:
     def _master_and_state(self, g: int) -> tuple[torch.Tensor, dict[str, Any]]:
         if self.offload is not None:
             return self.offload.group_master_and_state(g)
-        return self.masters[g].detach(), self.optimizer.state.get(self.masters[g], {})
+        master = self.masters[g]
+        assert master is not None
+        return master.detach(), self.optimizer.state.get(master, {})
 
     # ---- checkpoints ---------------------------------------------------------------------------
     replicated = False  # each rank saves its own partitions
@@ -192,7 +233,7 @@ class PartitionedOptimizer:
             master, state = self._master_and_state(g)
             groups.append({
                 "slots": [(s.name, s.offset, s.numel, s.shape) for s in layout.slots],
-                "partition": layout.partition(self.dp.rank),
+                "partition": layout.partition(self.axes[g].rank),
                 "padded_numel": layout.padded_numel,
                 "master": master.detach().clone(),
                 "state": snapshot_state(state),
@@ -204,16 +245,16 @@ class PartitionedOptimizer:
             self.offload.reload_from_params()
             return
         with torch.no_grad():
-            for master, flat, layout in zip(self.masters, self.flat_params, self.layouts):
-                if flat.dtype != torch.float32:
-                    start, end = layout.partition(self.dp.rank)
+            for master, flat, layout, axis in zip(self.masters, self.flat_params, self.layouts, self.axes):
+                if master is not None and flat.dtype != torch.float32:
+                    start, end = layout.partition(axis.rank)
                     master.copy_(flat[start:end].float())
 
     def load_universal(self, universal: dict[str, Any]) -> None:
         """Take fp32 weights and optimizer states per parameter name (any saved layout) and keep our partitions."""
         params = universal["params"]
         for g, (layout, master, flat) in enumerate(zip(self.layouts, self.masters, self.flat_params)):
-            start, end = layout.partition(self.dp.rank)
+            start, end = layout.partition(self.axes[g].rank)
             full = torch.zeros(layout.padded_numel, dtype=torch.float32)
             for slot in layout.slots:
                 full[slot.offset:slot.end] = params[slot.name]["fp32"].reshape(-1)

@@ -6,15 +6,15 @@ the updated masters are copied back into the model after each step.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from ..comm.grad_buckets import GradientBucketReducer
-from ..comm.topology import AxisGroup
-from ..runtime.loss_scaler import LossScaler
-from .base import NormScope, StepResult, clip_factor, grad_norm, scaled_backward, tensor_bytes
+from ..config.sections import ZeroConfig
+from ..optim.precision import Precision
+from .base import NormPiece, NormScope, ParamGroupComm, StepResult, scaled_backward, tensor_bytes, unscale_and_clip_factor
+from .module_only import drop_frozen
+from .reducer import Bucket, GradientReducer, ReduceOptions, contiguous_members
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
 
@@ -25,63 +25,76 @@ class ReplicatedOptimizer:
         self,
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        dp: AxisGroup,
-        loss_scaler: LossScaler,
-        bucket_elements: int,
-        check_overflow: bool,
-        comm_dtype: torch.dtype | None = None,
-        predivide: float | None = None,
+        zero: ZeroConfig,
+        precision: Precision,
+        comm: ParamGroupComm,
+        reduce: ReduceOptions = ReduceOptions(),
         norm_scope: NormScope = NormScope(),
     ) -> None:
+        self.module = module
         self.optimizer = optimizer
+        self.comm = comm
         self.norm_scope = norm_scope
-        self.loss_scaler = loss_scaler
-        self.check_overflow = check_overflow
+        self.loss_scaler = precision.loss_scaler
+        self.check_overflow = precision.check_overflow
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.names = {p: n for n, p in module.named_parameters()}
+        self.group_of = {p: g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.masters = _attach_master_weights(optimizer, self.params)
-        self.reducer = GradientBucketReducer(self.params, dp, bucket_elements, comm_dtype, predivide)
+        self.reducer = GradientReducer(self._buckets(zero.reduce_bucket_size), reduce)
+
+    def _buckets(self, cap: int) -> list[Bucket]:
+        """Per optimizer param group (each reduces over its own process group), trainable params in
+        reverse order (the order backward usually produces them), in buffers of at most `cap` elements.
+        A trainable parameter the optimizer does not hold is still averaged, with group 0."""
+        buckets = []
+        for g, axis in enumerate(self.comm.axes(len(self.optimizer.param_groups))):
+            ordered = [p for p in reversed(self.params) if self.group_of.get(p, 0) == g]
+            for members in contiguous_members(ordered, cap):
+                numel = members[-1].offset + members[-1].param.numel()
+                buffer = torch.zeros(numel, dtype=members[0].param.dtype, device=members[0].param.device)
+                buckets.append(Bucket(axis, members, numel, spans=None, buffer=buffer))
+        return buckets
 
     def prepare_backward(self, boundary: bool) -> None:
-        self.reducer.prepare(sync=boundary)
+        self.reducer.prepare(boundary)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         scaled_backward(loss, self.loss_scaler.loss_scale, retain_graph)
 
     def step(self, max_norm: float) -> StepResult:
         grads = self._master_grads()
-        scale = self.loss_scaler.loss_scale
-        # Gradients are identical on every data-parallel rank after the all-reduce (an inf/nan
-        # anywhere becomes inf/nan everywhere): only the model-parallel part of the norm needs a collective.
-        norm = grad_norm(self._norm_grads(grads), model_group=self.norm_scope.group).item() / scale
-        overflow = self.check_overflow and not math.isfinite(norm)
-        self.loss_scaler.update_scale(overflow)
-        if overflow:
+        result, factor = unscale_and_clip_factor(self._norm_pieces(grads), self.loss_scaler, self.check_overflow,
+                                                 max_norm, self.norm_scope.group)
+        if not result.applied:
             self._drop_master_grads()
-            return StepResult(applied=False, overflow=True, grad_norm=norm)
-        factor = clip_factor(norm, max_norm) / scale
+            return result
         if factor != 1.0:
-            torch._foreach_mul_(grads, factor)
+            torch._foreach_mul_(list(grads.values()), factor)
         self.optimizer.step()
         if self.masters:
             torch._foreach_copy_([p.data for p in self.masters], list(self.masters.values()))
             self._drop_master_grads()
-        return StepResult(applied=True, overflow=False, grad_norm=norm)
+        return result
 
-    def _norm_grads(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`grads` (as `_master_grads` returns them) less those another rank counts in the norm."""
+    def _norm_pieces(self, grads: dict[torch.nn.Parameter, torch.Tensor]) -> list[NormPiece]:
+        """Per param group, its gradients less those another rank counts in the norm. After the
+        all-reduce every rank of a group holds the same gradients (an inf/nan anywhere is everywhere),
+        so no data-parallel sum: only the expert and model-parallel parts need a collective."""
         elsewhere = self.norm_scope.counted_elsewhere
-        if not elsewhere:
-            return grads
-        with_grad = [p for p in self.params if p.grad is not None] if not self.masters else list(self.masters)
-        return [g for p, g in zip(with_grad, grads) if p not in elsewhere]
+        by_group: dict[int, list[torch.Tensor]] = {}
+        for p, grad in grads.items():
+            if p not in elsewhere:
+                by_group.setdefault(self.group_of.get(p, 0), []).append(grad)
+        return [NormPiece(by_group.get(g, []), None, self.comm.extra(g)) for g in range(len(self.optimizer.param_groups))]
 
-    def _master_grads(self) -> list[torch.Tensor]:
+    def _master_grads(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """The gradient each stepped tensor takes, by model parameter (an fp32 copy for 16-bit ones)."""
         if not self.masters:
-            return [p.grad for p in self.params if p.grad is not None]
+            return {p: p.grad for p in self.params if p.grad is not None}
         for param, master in self.masters.items():
             master.grad = param.grad.float()
-        return [m.grad for m in self.masters.values()]
+        return {p: m.grad for p, m in self.masters.items()}
 
     def _drop_master_grads(self) -> None:
         for master in self.masters.values():
@@ -91,6 +104,7 @@ class ReplicatedOptimizer:
         self.reducer.zero()
 
     replicated = True  # every rank holds the same state: rank 0 alone saves it
+    partitions_parameters = False
 
     def _stepped(self) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
         """(name, model param, tensor the optimizer steps) for every trainable parameter."""
@@ -124,13 +138,19 @@ class ReplicatedOptimizer:
         if universal.get("loss_scaler"):
             self.loss_scaler.load_state_dict(universal["loss_scaler"])
 
+    def module_state_dict(self, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+        return drop_frozen(self.module, self.module.state_dict(), exclude_frozen)
+
+    def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        self.module.load_state_dict(state, strict=strict)
+
     def close(self) -> None:
         self.reducer.remove()
 
     def memory_breakdown(self) -> dict[str, int]:
         return {
             "parameters": tensor_bytes(self.params),
-            "gradients": self.reducer.buffer_bytes(),
+            "gradients": self.reducer.kept_bytes(),
             "master_weights": tensor_bytes(list(self.masters.values())),
             "optimizer_states": tensor_bytes(list(self.optimizer.state.values())),
         }

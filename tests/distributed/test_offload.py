@@ -210,9 +210,9 @@ def test_offload_matches_no_offload(runs: ScenarioRuns, world: int, name: str) -
         if "nvme" in name:
             assert breakdown["nvme_master_weights"] > 0 and breakdown["nvme_optimizer_states"] >= 2 * breakdown["nvme_master_weights"]
             assert {"swap_in_wait", "swap_out_wait"} <= set(r["timers"])
-            files_per_rank = 2 if "param-nvme" in name else 1  # optimizer states (+ parameters)
-            assert len(r["swap_files_during"]) == world * files_per_rank, r["swap_files_during"]
-            assert r["swap_files_after"] == [], "swap files must be removed when the engine is destroyed"
+            # The swap files are unlinked as soon as they are open: no name is ever left to clean up.
+            assert breakdown["nvme_file"] > 0
+            assert r["swap_files_during"] == [] and r["swap_files_after"] == [], (r["swap_files_during"], r["swap_files_after"])
         if "param-" in name:  # only the persistent units' (biases') shards stay on the compute device
             assert breakdown["parameters"] <= breakdown["persistent_parameters"]
             where = "nvme_parameters" if "nvme" in name else "cpu_parameters"

@@ -204,7 +204,9 @@ def _equivalence(kind: str, stages: int, stage: int = 0, precision: dict | None 
     batches = _batches(kind, STEPS, MICRO * GAS * dp)
     engine = _pipeline(kind, stages, GAS, stage, precision)
     if reduce_scatter:
-        engine.strategy.grads.reduce_scatter = True  # NCCL's path (only the owned partition is reduced), on gloo
+        from shardspeed.comm.collectives import CommPolicy
+
+        engine.strategy.reducer.policy = CommPolicy.native()  # NCCL's reduce-scatter (only the owned partition is reduced), on gloo
     losses, norms = _train_pipeline(engine, batches, GAS)
     tied = [w.detach().float().clone() for _, w in engine.module.tied_weights()]
     return {"losses": losses, "norms": norms, "params": {_plain_name(kind, n): v for n, v in _named(engine).items()},

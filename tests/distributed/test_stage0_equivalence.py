@@ -45,7 +45,9 @@ def _train(gas: int, bucket: int, unused: bool, stage: int = 0, frozen: bool = F
     engine, _, _, _ = shardspeed.initialize(model=model, model_parameters=_param_groups(model),
                                             config=_config(gas, bucket, stage, overlap))
     if reduce_scatter:
-        engine.strategy.grads.reduce_scatter = True  # NCCL's path, exercised on gloo
+        from shardspeed.comm.collectives import CommPolicy
+
+        engine.strategy.reducer.policy = CommPolicy.native()  # NCCL's reduce-scatter, exercised on gloo
     ref_opt = torch.optim.AdamW(_param_groups(reference), lr=1e-2, weight_decay=0.1)
     ddp_opt = torch.optim.AdamW(_param_groups(ddp_model.module), lr=1e-2, weight_decay=0.1)
 

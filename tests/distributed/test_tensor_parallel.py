@@ -6,8 +6,9 @@ model built from shardspeed's Megatron-style layers), and as plain single-proces
 same global batch (every data-parallel rank's micro batches, the loss averaged over them, torch's
 clip_grad_norm_ and AdamW), which is what data parallelism computes. Clipping is active on every
 step, so the gradient norm (sharded parameters summed over the tensor group, replicated ones
-counted once) is part of what must match. Losses, norms and the gathered whole weights compare at
-fp32 rounding: a sharded matmul adds in another order.
+counted once) is part of what must match. Losses and norms compare at fp32 rounding (a sharded
+matmul adds in another order); the gathered whole weights by their updates, relative to each
+update's norm (see the training test).
 
 All scenarios of one world size run in one spawned job (spawning dominates the cost here).
 """
@@ -114,8 +115,7 @@ def _autotp(kind: str, stage: int, tp: int = 2, gas: int = 2, bf16: bool = False
     out["dp_rank"] = dp.rank
     out["weights"] = engine.whole_module_state_dict()
     out["reference"] = _reference(lambda: _hf_model(kind), _hf_loss, dp.size, gas)
-    if bf16:
-        out["initial"] = _hf_model(kind).state_dict()
+    out["initial"] = _hf_model(kind).state_dict()
     out["shard_numel"] = sum(p.numel() for p in engine.module.parameters())
     out["full_numel"] = sum(p.numel() for p in _hf_model(kind).parameters())
     return out
@@ -140,6 +140,7 @@ def _tp_model_init_world1() -> dict[str, Any]:
     out = _train(engine, _hf_loss, 0, 2)
     out["weights"] = engine.whole_module_state_dict()
     out["reference"] = _reference(lambda: _hf_model("gpt2"), _hf_loss, 1, 2)
+    out["initial"] = _hf_model("gpt2").state_dict()
     return out
 
 
@@ -227,6 +228,7 @@ def _mpu(stage: int) -> dict[str, Any]:
     out = _train(engine, loss_of, mpu.get_data_parallel_rank(), 2)
     out["weights"] = {k: v.clone() for k, v in engine.whole_module_state_dict().items()}
     out["reference"] = _reference(_TinyDense, loss_of, mpu.get_data_parallel_world_size(), 2)
+    out["initial"] = _TinyDense().state_dict()
     return out
 
 
@@ -413,7 +415,15 @@ def test_tensor_parallel_training_equals_plain_data_parallel(runs: ScenarioRuns,
         torch.testing.assert_close(torch.tensor(r["norms"]), torch.tensor(ref["norms"]), rtol=1e-5, atol=0)
         assert set(r["weights"]) >= set(ref["weights"])
         for key, value in ref["weights"].items():
-            torch.testing.assert_close(r["weights"][key], value, rtol=1e-4, atol=2e-6, msg=f"rank {rank}: {key}")
+            # Compare what training did to each tensor, relative to its size. A sharded matmul adds in
+            # another order, and AdamW turns rounding noise in near-zero gradients (GPT-2's attention
+            # biases, which softmax nearly ignores) into full lr-sized steps, so single elements may
+            # differ by more than any fixed atol; measured across these scenarios the update differs
+            # by at most 4e-5 of its norm, while a missing all-reduce or a wrong shard is ~1.
+            moved = value - r["initial"][key]
+            off = (r["weights"][key].float() - r["initial"][key]) - moved
+            assert off.norm() <= 1e-3 * moved.norm() + 1e-7, (
+                f"rank {rank}: {key} update differs by {off.norm() / max(moved.norm(), 1e-12):.2e} of its norm")
     if "first_batch" in results[0]:
         for r in results:
             peers = [o["first_batch"] for o in results if o["dp_rank"] == r["dp_rank"]]

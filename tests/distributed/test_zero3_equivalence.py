@@ -185,7 +185,7 @@ def _config(gas: int, optimizer: tuple[str, dict], clip: float, **zero: Any) -> 
 def _train(build: Callable[[], nn.Module], batches: list, gas: int, *, groups: Callable = _groups,
            loss_fn: Callable = _positional, optimizer: tuple[str, dict] = ADAMW, zero: dict | None = None,
            unused: bool = False, clip: float = CLIP, after_micro: Callable | None = None,
-           after: Callable | None = None) -> dict:
+           after: Callable | None = None, native: bool = False) -> dict:
     """Train the stage-3 engine, DDP and the single-process reference side by side; what rank 0 compares."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -194,6 +194,11 @@ def _train(build: Callable[[], nn.Module], batches: list, gas: int, *, groups: C
     ddp = DDP(copy.deepcopy(model), find_unused_parameters=unused)
     engine, _, _, _ = shardspeed.initialize(model=model, model_parameters=groups(model),
                                             config=_config(gas, optimizer, clip, **(zero or {})))
+    if native:  # NCCL's collectives (all-gather, reduce-scatter), exercised on gloo
+        from shardspeed.comm.collectives import CommPolicy
+
+        engine.strategy.manager.set_policy(CommPolicy.native())
+        engine.strategy.reducer.policy = CommPolicy.native()
     opt_cls = getattr(torch.optim, optimizer[0])
     ref_opt = opt_cls(groups(reference), **optimizer[1])
     ddp_opt = opt_cls(groups(ddp.module), **optimizer[1])
@@ -236,7 +241,7 @@ def _train(build: Callable[[], nn.Module], batches: list, gas: int, *, groups: C
         "ref_norms": ref_norms,
         "steps": (engine.global_steps, engine.micro_steps),
         "partitioned": partitioned,
-        "units": len(engine.strategy.units),
+        "units": len(engine.strategy.manager.units),
         "memory": engine.memory_breakdown(),
         "extra": extra,
     }
@@ -285,15 +290,9 @@ def _prefetch_and_cap() -> dict:
         "granularity": {"stage3_module_granularity_threshold": 10**6},
     }
     out = {name: _train(_gpt, batches, 1, zero=zero, optimizer=ATTN_ADAMW) for name, zero in configs.items()}
-    # gloo gathers units above a size by a masked all-reduce (by default all of them) and the rest by
-    # all-gather (NCCL's path): run the all-gather path too.
-    from shardspeed.zero import param_shards
-
-    saved, param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE = param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE, 10**12
-    try:
-        out["all_gather_gather"] = _train(_gpt, batches, 1, zero=configs["prefetch"], optimizer=ATTN_ADAMW)
-    finally:
-        param_shards.GLOO_ALL_REDUCE_GATHER_ABOVE = saved
+    # gloo gathers units by a masked all-reduce and reduces gradients by all-reduce; run NCCL's
+    # all-gather and reduce-scatter paths too.
+    out["all_gather_gather"] = _train(_gpt, batches, 1, zero=configs["prefetch"], optimizer=ATTN_ADAMW, native=True)
     return out
 
 
@@ -310,7 +309,7 @@ def _branch() -> dict:
     traces: list[Any] = []  # the recorded fetch order after every micro step (held, so identities stay unique)
 
     def after_micro(engine: Any, ddp_module: nn.Module, s: int, m: int) -> None:
-        trace = engine.strategy.schedule.trace
+        trace = engine.strategy.manager.schedule.trace
         if not any(t is trace for t in traces):
             traces.append(trace)
 

@@ -212,13 +212,13 @@ def _stage3_masters(engine) -> dict[str, torch.Tensor]:
     """Full fp32 master weights by name, gathered from the live optimizer (a collective)."""
     world = dist.get_world_size()
     masters = {}
-    for unit in engine.strategy.trainable:
-        own = unit.master.detach().contiguous()
+    for unit in engine.strategy.state_dict()["units"]:
+        own = unit["master"].detach().contiguous()
         parts = [torch.empty_like(own) for _ in range(world)]
         dist.all_gather(parts, own)
-        for slot in unit.slots:
-            whole = torch.cat([part[slot.offset:slot.offset + slot.shard] for part in parts])
-            masters[slot.name] = whole[:slot.numel].view(slot.shape).clone()
+        for name, numel, shape, offset, shard in unit["slots"]:
+            whole = torch.cat([part[offset:offset + shard] for part in parts])
+            masters[name] = whole[:numel].view(shape).clone()
     return masters
 
 

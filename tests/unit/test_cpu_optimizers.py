@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from shardspeed.offload.cpu_optimizers import DeepSpeedCPUAdagrad, DeepSpeedCPUAdam, DeepSpeedCPULion, FusedAdam
-from shardspeed.runtime.optimizers import AdamNoBiasCorrection, Lion
+from shardspeed.optim import AdamNoBiasCorrection, Lion
 
 pytestmark = pytest.mark.timeout(60)
 

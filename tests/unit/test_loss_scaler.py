@@ -32,7 +32,7 @@ import copy
 import pytest
 
 from shardspeed.config.sections import FP16Config
-from shardspeed.runtime.loss_scaler import (
+from shardspeed.optim.loss_scaler import (
     DynamicLossScaler,
     LossScaleAtMinimumError,
     LossScaler,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from shardspeed.config.errors import ConfigError
-from shardspeed.runtime.optimizers import (
+from shardspeed.optim import (
     AdamNoBiasCorrection,
     Lamb,
     Lion,

@@ -1,8 +1,11 @@
-"""`shardspeed.initialize`: DeepSpeed's entry point, with its signature and return values.
+"""`shardspeed.initialize` (DeepSpeed's entry point, with its signature and return values), `tp_model_init`
+and `add_config_arguments`: the top of the package, above the engine and the pipeline engine.
 
-Order of work: distributed set-up -> topology -> config (parsed once, "auto" resolved against the
-model and world size) -> module placed, cast and made identical on every rank -> optimizer ->
-engine with its ZeRO strategy -> LR schedule -> dataloader.
+Order of work: config parsed strictly (a misspelt key fails before anything else happens) ->
+distributed set-up -> the layout's sizes -> config completed ("auto" resolved against the model and
+the data-parallel size) -> topology (AutoTP shards the model here) -> module placed, cast and made
+identical on every rank -> optimizer -> engine with its ZeRO strategy -> LR schedule -> dataloader.
+Parallelism is applied as module transforms in this order: tensor parallel, then ZeRO.
 """
 from __future__ import annotations
 
@@ -14,19 +17,20 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ..accelerator import get_accelerator
-from ..comm.init import init_distributed
-from ..comm.topology import PipeModelDataParallelTopology, Topology
-from ..config import ConfigError, ResolveContext, load_config, read_config, tensor_parallel_size
-from ..config.schema import ShardspeedConfig
-from ..pipe import PipelineEngine, PipelineModule
-from ..tensor_parallel import auto_tp
-from ..zero.param_shards import is_partitioned
-from .dataloader import ShardspeedDataLoader
-from .engine import ShardspeedEngine
-from .loss_scaler import make_loss_scaler
-from .lr_schedules import build_lr_scheduler
-from .optimizers import build_optimizer
+from .accelerator import get_accelerator
+from .comm.init import init_distributed
+from .comm.topology import Axis, Topology
+from .config import ConfigError, ResolveContext, complete_config, parse_strict
+from .config.schema import ShardspeedConfig
+from .optim import build_optimizer
+from .optim.loss_scaler import make_loss_scaler
+from .pipe import PipelineEngine, PipelineModule
+from .runtime.dataloader import ShardspeedDataLoader
+from .runtime.engine import ShardspeedEngine
+from .runtime.lr_schedules import build_lr_scheduler
+from .tensor_parallel import auto_tp
+from .zero.factory import STAGE3_WITH_MODEL_PARALLEL
+from .zero.param_shards import is_partitioned
 
 logger = logging.getLogger("shardspeed")
 
@@ -51,12 +55,15 @@ def initialize(
         raise ValueError("shardspeed.initialize needs model=")
     if mesh_param is not None:
         raise NotImplementedError("initialize(mesh_param=...) (sequence-parallel meshes) is not supported yet by shardspeed")
-    raw_config = read_config(_pick_config(args, config, config_params))
+    parsed = parse_strict(_pick_config(args, config, config_params))
+    _check_supported(parsed.cfg)
     init_distributed(distributed_port=distributed_port, dist_init_required=None if not dist.is_initialized() else dist_init_required)
+    tp_size = max(1, parsed.cfg.tensor_parallel.autotp_size)
+    cfg = complete_config(parsed, ResolveContext(_data_parallel_size(model, mpu, tp_size), _model_dtype(model), _hidden_size(model)))
+    if tp_size > 1 and cfg.zero_optimization.stage == 3:
+        raise ConfigError(STAGE3_WITH_MODEL_PARALLEL)  # before AutoTP shards the model
+    topology = _topology(model, mpu, tp_size)
     pipeline = isinstance(model, PipelineModule)
-    topology = _topology(model, mpu, tensor_parallel_size(raw_config))
-    cfg = load_config(raw_config, ResolveContext(topology.axis("data").size, _model_dtype(model), _hidden_size(model)))
-    _check_supported(cfg)
     if cfg.log_level:
         logger.setLevel(cfg.log_level.upper())
     if cfg.dump_state and dist.get_rank() == 0:
@@ -66,13 +73,28 @@ def initialize(
     base_optimizer = _make_optimizer(optimizer, model_parameters, model, cfg)
     dataloader = None
     if training_data is not None:
-        dp = topology.axis("data")
+        dp = topology.axis(Axis.DATA)
         dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
                                           collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
     engine_class = PipelineEngine if pipeline else ShardspeedEngine
     engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
+
+
+def _data_parallel_size(model: torch.nn.Module, mpu: Any, tp_size: int) -> int:
+    """The data-parallel size the layout will have, known before any group is made or the model is sharded."""
+    if isinstance(model, PipelineModule):
+        return model.comm_topology.axis(Axis.DATA).size
+    if mpu is not None and callable(getattr(mpu, "get_data_parallel_group", None)):
+        return dist.get_world_size(mpu.get_data_parallel_group())
+    prepared = getattr(model, "shardspeed_topology", None)  # set by shardspeed.tp_model_init
+    if prepared is not None:
+        return prepared.axis(Axis.DATA).size
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ConfigError(f"`tensor_parallel.autotp_size` {tp_size} must divide the world size {world}")
+    return world // tp_size
 
 
 def _topology(model: torch.nn.Module, mpu: Any, tp_size: int) -> Topology:
@@ -87,19 +109,19 @@ def _topology(model: torch.nn.Module, mpu: Any, tp_size: int) -> Topology:
         return model.comm_topology
     if mpu is not None:  # the model is sharded already; a tensor_parallel size in the config only describes it
         topology = Topology.from_mpu(mpu)
-        if tp_size > 1 and tp_size != topology.axis("tensor").size:
+        if tp_size > 1 and tp_size != topology.axis(Axis.TENSOR).size:
             raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but the mpu's tensor-parallel group has "
-                              f"{topology.axis('tensor').size} ranks; make them agree or remove the key")
+                              f"{topology.axis(Axis.TENSOR).size} ranks; make them agree or remove the key")
         return topology
     prepared = getattr(model, "shardspeed_topology", None)  # set by shardspeed.tp_model_init
     if prepared is not None:
-        if tp_size > 1 and tp_size != prepared.axis("tensor").size:
+        if tp_size > 1 and tp_size != prepared.axis(Axis.TENSOR).size:
             raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but tp_model_init sharded the model "
-                              f"{prepared.axis('tensor').size} ways; make them agree")
+                              f"{prepared.axis(Axis.TENSOR).size} ways; make them agree")
         return prepared
     if tp_size > 1:
         topology = tensor_parallel_topology(tp_size)
-        auto_tp(model, topology.axis("tensor"))
+        auto_tp(model, topology.axis(Axis.TENSOR))
         return topology
     return Topology.data_parallel()
 
@@ -109,7 +131,7 @@ def tensor_parallel_topology(tp_size: int) -> Topology:
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size:
         raise ConfigError(f"`tensor_parallel.autotp_size` {tp_size} must divide the world size {world}")
-    return Topology(PipeModelDataParallelTopology(num_pp=1, num_mp=tp_size, num_dp=world // tp_size))
+    return Topology.build(tensor=tp_size)
 
 
 def tp_model_init(model: torch.nn.Module, tp_size: int, dtype: torch.dtype | None = None, config: Any = None) -> torch.nn.Module:
@@ -120,7 +142,7 @@ def tp_model_init(model: torch.nn.Module, tp_size: int, dtype: torch.dtype | Non
     """
     init_distributed()
     topology = tensor_parallel_topology(tp_size)
-    auto_tp(model, topology.axis("tensor"))
+    auto_tp(model, topology.axis(Axis.TENSOR))
     if dtype is not None:
         model.to(dtype)
     model.shardspeed_topology = topology
@@ -197,7 +219,7 @@ def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topol
         model.half()
     elif cfg.bf16.enabled:
         model.bfloat16()
-    dp = topology.axis("data")
+    dp = topology.axis(Axis.DATA)
     if dp.size > 1:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
@@ -210,7 +232,7 @@ def _place_partitioned_module(model: torch.nn.Module, device: torch.device, topo
 
     Parameters it gained outside zero.Init are still whole; they and the buffers get rank 0's values.
     """
-    dp = topology.axis("data")
+    dp = topology.axis(Axis.DATA)
     whole = [p for p in model.parameters() if not is_partitioned(p)]
     with torch.no_grad():
         for tensor in [*whole, *model.buffers()]:

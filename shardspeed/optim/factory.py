@@ -9,8 +9,8 @@ ds_config written for DeepSpeed builds the same algorithm with the same defaults
 ``Adam``                AdamW (decoupled decay) unless ``adam_w_mode: false``, then L2 Adam;
                         DeepSpeed's FusedAdam/CPUAdam defaults (``weight_decay`` 0.0)
 ``AdamW``               AdamW whatever ``adam_w_mode`` says (as in DeepSpeed)
-``Lamb``                :class:`~shardspeed.runtime.optimizers.lamb.Lamb`
-``Lion``                :class:`~shardspeed.runtime.optimizers.lion.Lion`
+``Lamb``                :class:`~shardspeed.optim.lamb.Lamb`
+``Lion``                :class:`~shardspeed.optim.lion.Lion`
 ``Adagrad``, ``SGD``,   the ``torch.optim`` class of that name with torch's own parameters
 any ``torch.optim``     and defaults (DeepSpeed passes these straight to torch too)
 ======================  =====================================================================
@@ -35,8 +35,8 @@ import torch
 from torch import Tensor
 
 from shardspeed.config.errors import ConfigError, closest_key, unknown_key_message
-from shardspeed.runtime.optimizers.lamb import Lamb, _check_hparams
-from shardspeed.runtime.optimizers.lion import Lion
+from shardspeed.optim.lamb import Lamb, _check_hparams
+from shardspeed.optim.lion import Lion
 
 ModelParameters = Iterable[Tensor] | Iterable[dict[str, Any]]
 

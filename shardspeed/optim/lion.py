@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from shardspeed.runtime.optimizers.lamb import _buckets, _check_hparams
+from shardspeed.optim.lamb import _buckets, _check_hparams
 
 
 class Lion(torch.optim.Optimizer):
