@@ -16,14 +16,23 @@ _EXPORTS = {
     "tp_model_init": "shardspeed.api",
     "init_distributed": "shardspeed.comm.init",
     "ShardspeedEngine": "shardspeed.runtime.engine",
+    "PipelineEngine": "shardspeed.pipe",
+    "PipelineModule": "shardspeed.pipe",
     "ShardspeedConfig": "shardspeed.config",
     "ConfigError": "shardspeed.config",
     "ProcessTopology": "shardspeed.comm.topology",
     "PipeDataParallelTopology": "shardspeed.comm.topology",
     "PipeModelDataParallelTopology": "shardspeed.comm.topology",
+    "init_inference": "shardspeed.inference",
+    "default_inference_config": "shardspeed.inference",
+    "InferenceEngine": "shardspeed.inference",
+    "DeepSpeedHybridEngine": "shardspeed.runtime.hybrid_engine",
+    "OnDevice": "shardspeed.zero",
 }
 _ALIASES = {"DeepSpeedEngine": "ShardspeedEngine", "DeepSpeedConfig": "ShardspeedConfig"}
-_SUBMODULES = {"zero", "comm", "checkpoint", "checkpointing", "ops", "pipe", "tensor_parallel"}  # `shardspeed.zero.Init(...)` works after a bare `import shardspeed`
+# `shardspeed.zero.Init(...)` works after a bare `import shardspeed`, as `deepspeed.zero.Init` does.
+_SUBMODULES = {"accelerator", "checkpoint", "checkpointing", "comm", "inference", "launcher", "moe", "ops", "pipe",
+               "profiling", "runtime", "tensor_parallel", "utils", "zero"}
 
 __all__ = sorted([*_EXPORTS, *_ALIASES, *_SUBMODULES, "__version__"])
 

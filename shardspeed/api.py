@@ -22,6 +22,7 @@ from .comm.init import init_distributed
 from .comm.topology import Axis, Topology
 from .config import ConfigError, ResolveContext, complete_config, parse_strict
 from .config.schema import ShardspeedConfig
+from .monitor.logs import speak_on_rank0
 from .optim import build_optimizer
 from .optim.loss_scaler import make_loss_scaler
 from .pipe import PipelineEngine, PipelineModule
@@ -29,7 +30,7 @@ from .runtime.dataloader import ShardspeedDataLoader
 from .runtime.engine import ShardspeedEngine
 from .runtime.lr_schedules import build_lr_scheduler
 from .tensor_parallel import auto_tp
-from .zero.factory import STAGE3_WITH_MODEL_PARALLEL
+from .zero.factory import stage3_with_model_parallel
 from .zero.param_shards import is_partitioned
 
 logger = logging.getLogger("shardspeed")
@@ -58,11 +59,13 @@ def initialize(
     parsed = parse_strict(_pick_config(args, config, config_params))
     _check_supported(parsed.cfg)
     init_distributed(distributed_port=distributed_port, dist_init_required=None if not dist.is_initialized() else dist_init_required)
-    tp_size = max(1, parsed.cfg.tensor_parallel.autotp_size)
-    cfg = complete_config(parsed, ResolveContext(_data_parallel_size(model, mpu, tp_size), _model_dtype(model), _hidden_size(model)))
+    speak_on_rank0(dist.get_rank())
+    tp_size, tp_key = max(1, parsed.cfg.tensor_parallel.autotp_size), parsed.cfg.tensor_parallel.size_key
+    cfg = complete_config(parsed, ResolveContext(_data_parallel_size(model, mpu, tp_size, tp_key), _model_dtype(model),
+                                                 _hidden_size(model)))
     if tp_size > 1 and cfg.zero_optimization.stage == 3:
-        raise ConfigError(STAGE3_WITH_MODEL_PARALLEL)  # before AutoTP shards the model
-    topology = _topology(model, mpu, tp_size)
+        raise ConfigError(stage3_with_model_parallel(tp_key))  # before AutoTP shards the model
+    topology = _topology(model, mpu, tp_size, tp_key)
     pipeline = isinstance(model, PipelineModule)
     if cfg.log_level:
         logger.setLevel(cfg.log_level.upper())
@@ -74,15 +77,16 @@ def initialize(
     dataloader = None
     if training_data is not None:
         dp = topology.axis(Axis.DATA)
+        assert cfg.train_micro_batch_size_per_gpu is not None  # complete_config filled in the batch sizes
         dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
                                           collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
-    engine_class = PipelineEngine if pipeline else ShardspeedEngine
+    engine_class: type[ShardspeedEngine] = PipelineEngine if pipeline else ShardspeedEngine  # Pipeline: model is a PipelineModule
     engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
 
 
-def _data_parallel_size(model: torch.nn.Module, mpu: Any, tp_size: int) -> int:
+def _data_parallel_size(model: torch.nn.Module, mpu: Any, tp_size: int, tp_key: str) -> int:
     """The data-parallel size the layout will have, known before any group is made or the model is sharded."""
     if isinstance(model, PipelineModule):
         return model.comm_topology.axis(Axis.DATA).size
@@ -93,11 +97,11 @@ def _data_parallel_size(model: torch.nn.Module, mpu: Any, tp_size: int) -> int:
         return prepared.axis(Axis.DATA).size
     world = dist.get_world_size()
     if world % tp_size:
-        raise ConfigError(f"`tensor_parallel.autotp_size` {tp_size} must divide the world size {world}")
+        raise ConfigError(f"`{tp_key}` {tp_size} must divide the world size {world}")
     return world // tp_size
 
 
-def _topology(model: torch.nn.Module, mpu: Any, tp_size: int) -> Topology:
+def _topology(model: torch.nn.Module, mpu: Any, tp_size: int, tp_key: str) -> Topology:
     """The parallel axes: a PipelineModule's own, an mpu's groups, a `tp_model_init` model's, AutoTP's, or data parallel.
 
     AutoTP shards the model here (collective), before it is cast and placed.
@@ -105,32 +109,32 @@ def _topology(model: torch.nn.Module, mpu: Any, tp_size: int) -> Topology:
     if isinstance(model, PipelineModule):
         if mpu is not None or tp_size > 1:
             raise ConfigError("a PipelineModule carries its own topology: tensor parallelism inside pipeline stages "
-                              "(mpu= or `tensor_parallel.autotp_size`) is not supported yet by shardspeed")
+                              f"(mpu= or `{tp_key}`) is not supported yet by shardspeed")
         return model.comm_topology
     if mpu is not None:  # the model is sharded already; a tensor_parallel size in the config only describes it
         topology = Topology.from_mpu(mpu)
         if tp_size > 1 and tp_size != topology.axis(Axis.TENSOR).size:
-            raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but the mpu's tensor-parallel group has "
+            raise ConfigError(f"`{tp_key}` is {tp_size} but the mpu's tensor-parallel group has "
                               f"{topology.axis(Axis.TENSOR).size} ranks; make them agree or remove the key")
         return topology
     prepared = getattr(model, "shardspeed_topology", None)  # set by shardspeed.tp_model_init
     if prepared is not None:
         if tp_size > 1 and tp_size != prepared.axis(Axis.TENSOR).size:
-            raise ConfigError(f"`tensor_parallel.autotp_size` is {tp_size} but tp_model_init sharded the model "
+            raise ConfigError(f"`{tp_key}` is {tp_size} but tp_model_init sharded the model "
                               f"{prepared.axis(Axis.TENSOR).size} ways; make them agree")
         return prepared
     if tp_size > 1:
-        topology = tensor_parallel_topology(tp_size)
-        auto_tp(model, topology.axis(Axis.TENSOR))
+        topology = tensor_parallel_topology(tp_size, tp_key)
+        auto_tp(model, topology.axis(Axis.TENSOR), tp_key)
         return topology
     return Topology.data_parallel()
 
 
-def tensor_parallel_topology(tp_size: int) -> Topology:
+def tensor_parallel_topology(tp_size: int, tp_key: str = "tensor_parallel.autotp_size") -> Topology:
     """data x tensor over the whole job, tensor-parallel peers adjacent (DeepSpeed's order)."""
     world = dist.get_world_size()
     if tp_size < 1 or world % tp_size:
-        raise ConfigError(f"`tensor_parallel.autotp_size` {tp_size} must divide the world size {world}")
+        raise ConfigError(f"`{tp_key}` {tp_size} must divide the world size {world}")
     return Topology.build(tensor=tp_size)
 
 
@@ -145,7 +149,7 @@ def tp_model_init(model: torch.nn.Module, tp_size: int, dtype: torch.dtype | Non
     auto_tp(model, topology.axis(Axis.TENSOR))
     if dtype is not None:
         model.to(dtype)
-    model.shardspeed_topology = topology
+    setattr(model, "shardspeed_topology", topology)  # not a tensor or module: read back with getattr by initialize
     return model
 
 

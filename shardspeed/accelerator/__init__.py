@@ -23,6 +23,17 @@ class Accelerator:
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if self.name == "cuda" else torch.device("cpu")
 
+    # DeepSpeed's accelerator names that transformers and accelerate call.
+    def device_name(self, device_index: int | None = None) -> str:
+        """'cuda' or 'cuda:<i>'; 'cpu'."""
+        return self.name if device_index is None or self.name == "cpu" else f"{self.name}:{device_index}"
+
+    def current_device_name(self) -> str:
+        return f"cuda:{torch.cuda.current_device()}" if self.name == "cuda" else "cpu"
+
+    def communication_backend_name(self) -> str:
+        return self.communication_backend
+
     def synchronize(self) -> None:
         if self.name == "cuda":
             torch.cuda.synchronize()

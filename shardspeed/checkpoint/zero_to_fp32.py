@@ -17,7 +17,8 @@ each rank's file is read and the shards are freed once merged: host memory peaks
 the fp32 weights (while `merge_shards` concatenates and slices them), or, while a file is read, twice
 its size (its bytes, for the digest, and its tensors) over what is already held.
 
-Command line: `shardspeed zero-to-fp32 CHECKPOINT_DIR OUTPUT [-t TAG] [--exclude_frozen_parameters]`.
+Command line: `shardspeed zero-to-fp32 CHECKPOINT_DIR OUTPUT [-t TAG] [--exclude_frozen_parameters]`, or the
+`zero_to_fp32.py` that `save_checkpoint` leaves in every checkpoint folder (`model_checkpoint.RECOVERY_SCRIPT`).
 """
 from __future__ import annotations
 
@@ -273,25 +274,36 @@ def _umask() -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardspeed zero-to-fp32",
-        description="Consolidate a shardspeed (ZeRO 0-2) checkpoint into one fp32 state dict file.")
+        description="Consolidate a shardspeed checkpoint (ZeRO stage 0-3, any world size) into one fp32 state dict file. "
+                    "DeepSpeed's zero_to_fp32.py arguments are accepted too (an output folder, --safe_serialization).")
     parser.add_argument("checkpoint_dir", help="the folder passed to save_checkpoint (holds `latest` and the tags)")
-    parser.add_argument("output_file", help="file to write: *.safetensors for safetensors, else torch.save "
-                                            "(e.g. pytorch_model.bin)")
+    parser.add_argument("output", help="file to write: *.safetensors for safetensors, else torch.save (e.g. "
+                                       "pytorch_model.bin); or an existing folder, as DeepSpeed takes it: "
+                                       "pytorch_model.bin (model.safetensors with --safe_serialization) is written there")
     parser.add_argument("-t", "--tag", default=None, help="checkpoint tag, e.g. global_step100 (default: `latest`)")
     parser.add_argument("--exclude_frozen_parameters", action="store_true", help="leave out frozen parameters")
+    parser.add_argument("--safe_serialization", action="store_true", help="with an output folder: write safetensors")
+    parser.add_argument("--max_shard_size", default=None,
+                        help="accepted for DeepSpeed's command line; shardspeed writes one file whatever its size")
+    parser.add_argument("-d", "--debug", action="store_true", help="log what is read")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG)
+    output = Path(args.output)
+    if output.is_dir():
+        output = output / ("model.safetensors" if args.safe_serialization else "pytorch_model.bin")
     try:
-        result = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output_file, args.tag,
+        result = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, output, args.tag,
                                                             args.exclude_frozen_parameters)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"shardspeed zero-to-fp32: error: {err}", file=sys.stderr)
         return 1
-    size = Path(args.output_file).stat().st_size
-    print(f"wrote {args.output_file}: {len(result.state_dict)} tensors, {result.parameters:,} parameters, "
+    size = output.stat().st_size
+    print(f"wrote {output}: {len(result.state_dict)} tensors, {result.parameters:,} parameters, "
           f"{size:,} bytes (fp32, from {result.folder})")
     return 0
 

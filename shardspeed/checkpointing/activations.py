@@ -234,7 +234,7 @@ def configure(
     settings = CheckpointSettings()
     if deepspeed_config is not None:
         settings = CheckpointSettings.from_section(_section(deepspeed_config))
-    overrides = {
+    overrides: dict[str, Any] = {  # one value per settings field, each of its own type
         "partition_activations": partition_activations, "contiguous_memory_optimization": contiguous_checkpointing,
         "number_checkpoints": num_checkpoints, "cpu_checkpointing": checkpoint_in_cpu,
         "synchronize_checkpoint_boundary": synchronize, "profile": profile,

@@ -49,7 +49,9 @@ def groups_for(rank_lists: Sequence[Sequence[int]], tag: str = "") -> dict[tuple
     for ranks in rank_lists:
         key = tuple(int(r) for r in ranks)
         if len(key) == world and not tag:
-            out[key] = dist.group.WORLD
+            world_group = dist.group.WORLD
+            assert world_group is not None  # get_world_size() above needs the world initialised
+            out[key] = world_group
             continue
         if (tag, key) not in cache:
             cache[(tag, key)] = dist.new_group(list(key))

@@ -59,10 +59,12 @@ def detect_launch_env(env: Mapping[str, str] | None = None, default_port: int = 
 
 def _int(env: Mapping[str, str], key: str, default: str | None = None) -> int:
     value = env.get(key, default)
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+    if value is not None:  # unset without a default is reported like a bad value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ValueError(f"environment variable {key}={value!r} is not an integer")
 
 
 def first_slurm_host(nodelist: str) -> str:

@@ -10,13 +10,18 @@ import enum
 import itertools
 import math
 from collections import namedtuple
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
 from .groups import groups_for
+
+
+def _coord_class(axes: list[str]) -> Callable[..., tuple[int, ...]]:
+    """A namedtuple class with one field per axis; its fields are only known at run time."""
+    return namedtuple("ProcessCoord", axes)
 
 
 class ProcessTopology:
@@ -30,7 +35,7 @@ class ProcessTopology:
         self.axes = list(axes)
         self.dims = list(dims)
         # DeepSpeed hands out coordinates as a namedtuple, so `get_coord(r).pipe` works.
-        self.ProcessCoord = namedtuple("ProcessCoord", self.axes)
+        self.ProcessCoord = _coord_class(self.axes)
         self._coords = [self.ProcessCoord(*c) for c in itertools.product(*(range(d) for d in dims))]
 
     def world_size(self) -> int:

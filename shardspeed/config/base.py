@@ -35,6 +35,9 @@ Int = Annotated[int, BeforeValidator(_integral)]
 class StrictModel(BaseModel):
     """A config section: unknown keys fail, aliases and field names are both accepted."""
 
+    # Fields write their default as `Field(default=...)`: type checkers read a field's default
+    # from the keyword only, and would otherwise make every such field a required argument.
+
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
 
     @classmethod

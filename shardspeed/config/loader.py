@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from .base import StrictModel
 from .batch import complete_batch_sizes
 from .errors import ConfigError, unknown_key_message
 from .schema import UNIMPLEMENTED_SECTIONS, ShardspeedConfig
@@ -95,9 +96,9 @@ def _describe(err: ValidationError) -> str:
     return "invalid ds_config:\n  " + "\n  ".join(lines)
 
 
-def _section_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+def _section_at(root: type[StrictModel], loc: list[str]) -> type[StrictModel] | None:
     """The model class reached by following `loc` (field names or aliases) from `root`."""
-    section: type[BaseModel] | None = root
+    section: type[StrictModel] | None = root
     for part in loc:
         if section is None:
             return None
@@ -106,9 +107,10 @@ def _section_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None
     return section
 
 
-def model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+def model_in_annotation(annotation: Any) -> type[StrictModel] | None:
     """The config section class an annotation holds (`X`, `X | None`), or None for plain values."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    # Every section is a StrictModel (that is what makes unknown keys fail).
+    if isinstance(annotation, type) and issubclass(annotation, StrictModel):
         return annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         for arg in typing.get_args(annotation):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from .base import Int, StrictModel
 
@@ -21,93 +21,93 @@ DEFAULT_LEAF_CLASSES = (
 
 
 class FP16Config(StrictModel):
-    enabled: bool = Field(False, description="Train with fp16 parameters and dynamic/static loss scaling.")
-    auto_cast: bool = Field(False, description="Cast floating-point inputs of forward to fp16.")
-    loss_scale: float = Field(0.0, ge=0, description="0 selects dynamic loss scaling; any other value is a static scale.")
-    initial_scale_power: Int = Field(16, ge=0, description="The dynamic scale starts at 2**initial_scale_power.")
-    loss_scale_window: Int = Field(1000, ge=1, description="Overflow-free steps before the dynamic scale doubles.")
-    hysteresis: Int = Field(2, ge=1, description="Overflows tolerated before the dynamic scale is lowered.")
-    consecutive_hysteresis: bool = Field(False, description="Refill hysteresis after every overflow-free step.")
-    min_loss_scale: float = Field(1.0, gt=0, description="The dynamic scale never drops below this.")
-    fp16_master_weights_and_grads: bool = Field(False, description="Keep master weights in fp16 (ZeRO offload only).")
+    enabled: bool = Field(default=False, description="Train with fp16 parameters and dynamic/static loss scaling.")
+    auto_cast: bool = Field(default=False, description="Cast floating-point inputs of forward to fp16.")
+    loss_scale: float = Field(default=0.0, ge=0, description="0 selects dynamic loss scaling; any other value is a static scale.")
+    initial_scale_power: Int = Field(default=16, ge=0, description="The dynamic scale starts at 2**initial_scale_power.")
+    loss_scale_window: Int = Field(default=1000, ge=1, description="Overflow-free steps before the dynamic scale doubles.")
+    hysteresis: Int = Field(default=2, ge=1, description="Overflows tolerated before the dynamic scale is lowered.")
+    consecutive_hysteresis: bool = Field(default=False, description="Refill hysteresis after every overflow-free step.")
+    min_loss_scale: float = Field(default=1.0, gt=0, description="The dynamic scale never drops below this.")
+    fp16_master_weights_and_grads: bool = Field(default=False, description="Keep master weights in fp16 (ZeRO offload only).")
 
 
 class BF16Config(StrictModel):
-    enabled: bool = Field(False, description="Train with bf16 parameters and fp32 master weights.")
-    immediate_grad_update: bool = Field(False, description="Accumulate gradients into fp32 as soon as they are produced.")
-    check_grad_overflow: bool = Field(True, description="Check bf16 gradients for inf/nan and skip such steps.")
-    bf16_master_weights_and_grads: bool = Field(False, description="Keep master weights and gradients in bf16.")
-    bf16_optimizer_states: bool = Field(False, description="Keep optimizer states in bf16.")
+    enabled: bool = Field(default=False, description="Train with bf16 parameters and fp32 master weights.")
+    immediate_grad_update: bool = Field(default=False, description="Accumulate gradients into fp32 as soon as they are produced.")
+    check_grad_overflow: bool = Field(default=True, description="Check bf16 gradients for inf/nan and skip such steps.")
+    bf16_master_weights_and_grads: bool = Field(default=False, description="Keep master weights and gradients in bf16.")
+    bf16_optimizer_states: bool = Field(default=False, description="Keep optimizer states in bf16.")
 
 
 class OffloadOptimizerConfig(StrictModel):
-    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where the optimizer states live.")
-    nvme_path: str | None = Field(None, description="Folder for optimizer swap files when device is nvme.")
-    buffer_count: Int = Field(4, description="Swap buffers for optimizer states.")
-    pin_memory: bool = Field(True, description="Use page-locked host memory (needs a memlock budget).")
-    pipeline_read: bool = Field(False, description="Overlap swap-in reads with the optimizer step.")
-    pipeline_write: bool = Field(False, description="Overlap swap-out writes with the optimizer step.")
-    fast_init: bool = Field(False, description="Skip the swap-file pre-write at start-up.")
-    ratio: float = Field(1.0, description="Fraction of optimizer states offloaded (stage 3 only below 1).")
-    super_offload: bool = Field(False, description="DeepSpeed's SuperOffload mode.")
-    cpuadam_cores_perc: float = Field(0.8, description="Fraction of host cores the CPU optimizer may use.")
+    device: Literal["none", "cpu", "nvme"] = Field(default="none", description="Where the optimizer states live.")
+    nvme_path: str | None = Field(default=None, description="Folder for optimizer swap files when device is nvme.")
+    buffer_count: Int = Field(default=4, description="Swap buffers for optimizer states.")
+    pin_memory: bool = Field(default=True, description="Use page-locked host memory (needs a memlock budget).")
+    pipeline_read: bool = Field(default=False, description="Overlap swap-in reads with the optimizer step.")
+    pipeline_write: bool = Field(default=False, description="Overlap swap-out writes with the optimizer step.")
+    fast_init: bool = Field(default=False, description="Skip the swap-file pre-write at start-up.")
+    ratio: float = Field(default=1.0, description="Fraction of optimizer states offloaded (stage 3 only below 1).")
+    super_offload: bool = Field(default=False, description="DeepSpeed's SuperOffload mode.")
+    cpuadam_cores_perc: float = Field(default=0.8, description="Fraction of host cores the CPU optimizer may use.")
 
 
 class OffloadParamConfig(StrictModel):
-    device: Literal["none", "cpu", "nvme"] = Field("none", description="Where stage-3 parameter partitions live.")
-    nvme_path: str | None = Field(None, description="Folder for parameter swap files when device is nvme.")
-    buffer_count: Int = Field(5, description="Swap buffers for parameters.")
-    buffer_size: Int = Field(100_000_000, description="Elements per parameter swap buffer.")
-    max_in_cpu: Int = Field(1_000_000_000, description="Elements kept in host memory when swapping to nvme.")
-    pin_memory: bool = Field(True, description="Use page-locked host memory (needs a memlock budget).")
+    device: Literal["none", "cpu", "nvme"] = Field(default="none", description="Where stage-3 parameter partitions live.")
+    nvme_path: str | None = Field(default=None, description="Folder for parameter swap files when device is nvme.")
+    buffer_count: Int = Field(default=5, description="Swap buffers for parameters.")
+    buffer_size: Int = Field(default=100_000_000, description="Elements per parameter swap buffer.")
+    max_in_cpu: Int = Field(default=1_000_000_000, description="Elements kept in host memory when swapping to nvme.")
+    pin_memory: bool = Field(default=True, description="Use page-locked host memory (needs a memlock budget).")
 
 
 class ZeroConfig(StrictModel):
-    stage: Literal[0, 1, 2, 3] = Field(0, description="0: data parallel; 1: optimizer states; 2: + gradients; 3: + parameters partitioned.")
-    contiguous_gradients: bool = Field(True, description="Copy reduced gradients into one contiguous buffer.")
-    reduce_scatter: bool = Field(True, description="Reduce gradients with reduce-scatter (false: all-reduce).")
-    reduce_bucket_size: Int = Field(500_000_000, description="Elements reduced at once; also the stage-0 all-reduce bucket.")
-    use_multi_rank_bucket_allreduce: bool = Field(True, description="DeepSpeed knob, accepted for compatibility.")
-    allgather_partitions: bool = Field(True, description="All-gather updated partitions (false: broadcast).")
-    allgather_bucket_size: Int = Field(500_000_000, description="Elements all-gathered at once.")
-    overlap_comm: bool | None = Field(None, description="Overlap gradient reduction with backward; default true for stage 3, else false.")
-    load_from_fp32_weights: bool = Field(True, description="Restore master weights from the fp32 copy in checkpoints.")
-    elastic_checkpoint: bool = Field(False, description="Deprecated DeepSpeed key, accepted.")
-    offload_param: OffloadParamConfig | None = Field(None, description="Stage-3 parameter offload.")
-    offload_optimizer: OffloadOptimizerConfig | None = Field(None, description="Optimizer state offload.")
-    zenflow: dict[str, Any] | None = Field(None, description="DeepSpeed ZenFlow; not supported.")
-    sub_group_size: Int = Field(1_000_000_000, description="Elements per optimizer sub-group (offload pipelining).")
-    cpu_offload: bool | None = Field(None, description="Deprecated: use offload_optimizer.device=cpu.")
-    cpu_offload_param: bool | None = Field(None, description="Deprecated: use offload_param.device=cpu.")
-    cpu_offload_use_pin_memory: bool | None = Field(None, description="Deprecated: use offload_*.pin_memory.")
-    prefetch_bucket_size: Int = Field(50_000_000, alias="stage3_prefetch_bucket_size", description="Stage 3: elements prefetched ahead of use.")
-    param_persistence_threshold: Int = Field(100_000, alias="stage3_param_persistence_threshold", description="Stage 3: parameters smaller than this stay whole.")
-    model_persistence_threshold: Int = Field(2**63 - 1, alias="stage3_model_persistence_threshold", description="Stage 3: cap on elements kept whole.")
-    max_live_parameters: Int = Field(1_000_000_000, alias="stage3_max_live_parameters", description="Stage 3: most elements gathered at once.")
-    max_reuse_distance: Int = Field(1_000_000_000, alias="stage3_max_reuse_distance", description="Stage 3: keep a parameter gathered if reused within this many elements.")
-    gather_16bit_weights_on_model_save: bool = Field(False, alias="stage3_gather_16bit_weights_on_model_save", description="Stage 3: consolidate 16-bit weights in save_16bit_model.")
-    stage3_gather_fp16_weights_on_model_save: bool | None = Field(None, description="Deprecated spelling of stage3_gather_16bit_weights_on_model_save.")
-    module_granularity_threshold: Int = Field(0, alias="stage3_module_granularity_threshold", description="Stage 3: fuse small modules into one fetch unit.")
-    use_all_reduce_for_fetch_params: bool = Field(False, alias="stage3_use_all_reduce_for_fetch_params", description="Stage 3: fetch with all-reduce.")
-    allgather_sequential: bool = Field(False, alias="stage3_allgather_sequential", description="Stage 3: gather parameters one by one.")
-    ignore_unused_parameters: bool = Field(True, description="Parameters without gradients are allowed.")
-    compute_grad_norm: bool = Field(True, description="Compute the global gradient norm each step (false only with stages 1-2 and no clipping).")
-    parameter_alignment: bool = Field(False, description="Align parameter partitions to the communication granularity.")
-    legacy_stage1: bool = Field(False, description="DeepSpeed knob, accepted for compatibility.")
-    round_robin_gradients: bool = Field(False, description="Stage 1/2: round-robin gradient copies.")
-    zero_hpz_partition_size: Int = Field(1, description="ZeRO++ hierarchical partitioning.")
-    zero_quantized_weights: bool = Field(False, description="ZeRO++ quantized weights.")
-    zero_quantized_nontrainable_weights: bool = Field(False, description="ZeRO++ quantized frozen weights.")
-    zero_quantized_gradients: bool = Field(False, description="ZeRO++ quantized gradients.")
-    zeropp_loco_param: dict[str, Any] | None = Field(None, description="ZeRO++ LoCo error feedback.")
-    mics_shard_size: Int = Field(-1, description="MiCS shard size.")
-    mics_hierarchical_params_gather: bool = Field(False, description="MiCS hierarchical gather.")
-    memory_efficient_linear: bool = Field(True, description="Stage 3 memory-efficient linear.")
-    pipeline_loading_checkpoint: bool = Field(False, description="Pipeline checkpoint loading.")
-    override_module_apply: bool = Field(True, description="Stage 3: gather parameters inside module.apply.")
-    log_trace_cache_warnings: bool = Field(False, description="Stage 3: warn when the prefetch trace is invalidated.")
-    enable_sanity_checks: bool = Field(False, description="Stage 3 sanity checks.")
-    save_muon_momentum_buffer_in_memory: bool = Field(False, description="Muon optimizer knob.")
+    stage: Literal[0, 1, 2, 3] = Field(default=0, description="0: data parallel; 1: optimizer states; 2: + gradients; 3: + parameters partitioned.")
+    contiguous_gradients: bool = Field(default=True, description="Copy reduced gradients into one contiguous buffer.")
+    reduce_scatter: bool = Field(default=True, description="Reduce gradients with reduce-scatter (false: all-reduce).")
+    reduce_bucket_size: Int = Field(default=500_000_000, description="Elements reduced at once; also the stage-0 all-reduce bucket.")
+    use_multi_rank_bucket_allreduce: bool = Field(default=True, description="DeepSpeed knob, accepted for compatibility.")
+    allgather_partitions: bool = Field(default=True, description="All-gather updated partitions (false: broadcast).")
+    allgather_bucket_size: Int = Field(default=500_000_000, description="Elements all-gathered at once.")
+    overlap_comm: bool | None = Field(default=None, description="Overlap gradient reduction with backward; default true for stage 3, else false.")
+    load_from_fp32_weights: bool = Field(default=True, description="Restore master weights from the fp32 copy in checkpoints.")
+    elastic_checkpoint: bool = Field(default=False, description="Deprecated DeepSpeed key, accepted.")
+    offload_param: OffloadParamConfig | None = Field(default=None, description="Stage-3 parameter offload.")
+    offload_optimizer: OffloadOptimizerConfig | None = Field(default=None, description="Optimizer state offload.")
+    zenflow: dict[str, Any] | None = Field(default=None, description="DeepSpeed ZenFlow; not supported.")
+    sub_group_size: Int = Field(default=1_000_000_000, description="Elements per optimizer sub-group (offload pipelining).")
+    cpu_offload: bool | None = Field(default=None, description="Deprecated: use offload_optimizer.device=cpu.")
+    cpu_offload_param: bool | None = Field(default=None, description="Deprecated: use offload_param.device=cpu.")
+    cpu_offload_use_pin_memory: bool | None = Field(default=None, description="Deprecated: use offload_*.pin_memory.")
+    prefetch_bucket_size: Int = Field(default=50_000_000, alias="stage3_prefetch_bucket_size", description="Stage 3: elements prefetched ahead of use.")
+    param_persistence_threshold: Int = Field(default=100_000, alias="stage3_param_persistence_threshold", description="Stage 3: parameters smaller than this stay whole.")
+    model_persistence_threshold: Int = Field(default=2**63 - 1, alias="stage3_model_persistence_threshold", description="Stage 3: cap on elements kept whole.")
+    max_live_parameters: Int = Field(default=1_000_000_000, alias="stage3_max_live_parameters", description="Stage 3: most elements gathered at once.")
+    max_reuse_distance: Int = Field(default=1_000_000_000, alias="stage3_max_reuse_distance", description="Stage 3: keep a parameter gathered if reused within this many elements.")
+    gather_16bit_weights_on_model_save: bool = Field(default=False, alias="stage3_gather_16bit_weights_on_model_save", description="Stage 3: consolidate 16-bit weights in save_16bit_model.")
+    stage3_gather_fp16_weights_on_model_save: bool | None = Field(default=None, description="Deprecated spelling of stage3_gather_16bit_weights_on_model_save.")
+    module_granularity_threshold: Int = Field(default=0, alias="stage3_module_granularity_threshold", description="Stage 3: fuse small modules into one fetch unit.")
+    use_all_reduce_for_fetch_params: bool = Field(default=False, alias="stage3_use_all_reduce_for_fetch_params", description="Stage 3: fetch with all-reduce.")
+    allgather_sequential: bool = Field(default=False, alias="stage3_allgather_sequential", description="Stage 3: gather parameters one by one.")
+    ignore_unused_parameters: bool = Field(default=True, description="Parameters without gradients are allowed.")
+    compute_grad_norm: bool = Field(default=True, description="Compute the global gradient norm each step (false only with stages 1-2 and no clipping).")
+    parameter_alignment: bool = Field(default=False, description="Align parameter partitions to the communication granularity.")
+    legacy_stage1: bool = Field(default=False, description="DeepSpeed knob, accepted for compatibility.")
+    round_robin_gradients: bool = Field(default=False, description="Stage 1/2: round-robin gradient copies.")
+    zero_hpz_partition_size: Int = Field(default=1, description="ZeRO++ hierarchical partitioning.")
+    zero_quantized_weights: bool = Field(default=False, description="ZeRO++ quantized weights.")
+    zero_quantized_nontrainable_weights: bool = Field(default=False, description="ZeRO++ quantized frozen weights.")
+    zero_quantized_gradients: bool = Field(default=False, description="ZeRO++ quantized gradients.")
+    zeropp_loco_param: dict[str, Any] | None = Field(default=None, description="ZeRO++ LoCo error feedback.")
+    mics_shard_size: Int = Field(default=-1, description="MiCS shard size.")
+    mics_hierarchical_params_gather: bool = Field(default=False, description="MiCS hierarchical gather.")
+    memory_efficient_linear: bool = Field(default=True, description="Stage 3 memory-efficient linear.")
+    pipeline_loading_checkpoint: bool = Field(default=False, description="Pipeline checkpoint loading.")
+    override_module_apply: bool = Field(default=True, description="Stage 3: gather parameters inside module.apply.")
+    log_trace_cache_warnings: bool = Field(default=False, description="Stage 3: warn when the prefetch trace is invalidated.")
+    enable_sanity_checks: bool = Field(default=False, description="Stage 3 sanity checks.")
+    save_muon_momentum_buffer_in_memory: bool = Field(default=False, description="Muon optimizer knob.")
     leaf_module: dict[str, Any] = Field(
         default_factory=lambda: {"classes": list(DEFAULT_LEAF_CLASSES), "names": [], "name_suffixes": []},
         description="Stage 3: modules fetched whole instead of per submodule (classes, names, name_suffixes).",
@@ -131,18 +131,18 @@ class ZeroConfig(StrictModel):
 
 
 class AioConfig(StrictModel):
-    block_size: Int = Field(1_048_576, description="Bytes per asynchronous I/O request.")
-    queue_depth: Int = Field(8, description="Outstanding I/O requests.")
-    intra_op_parallelism: Int = Field(1, alias="thread_count", description="I/O threads (DeepSpeed's docs call it thread_count).")
-    single_submit: bool = Field(False, description="Submit requests one at a time.")
-    overlap_events: bool = Field(True, description="Overlap submission and completion.")
-    use_gds: bool = Field(False, description="GPUDirect Storage.")
+    block_size: Int = Field(default=1_048_576, description="Bytes per asynchronous I/O request.")
+    queue_depth: Int = Field(default=8, description="Outstanding I/O requests.")
+    intra_op_parallelism: Int = Field(default=1, alias="thread_count", description="I/O threads (DeepSpeed's docs call it thread_count).")
+    single_submit: bool = Field(default=False, description="Submit requests one at a time.")
+    overlap_events: bool = Field(default=True, description="Overlap submission and completion.")
+    use_gds: bool = Field(default=False, description="GPUDirect Storage.")
 
 
 class OptimizerConfig(StrictModel):
     type: str = Field(..., description="Adam, AdamW, SGD, Adagrad, Lamb, Lion, or any torch.optim class name.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the optimizer.")
-    legacy_fusion: bool = Field(False, description="DeepSpeed knob, accepted for compatibility.")
+    legacy_fusion: bool = Field(default=False, description="DeepSpeed knob, accepted for compatibility.")
 
 
 class SchedulerConfig(StrictModel):
@@ -151,61 +151,76 @@ class SchedulerConfig(StrictModel):
 
 
 class ActivationCheckpointingConfig(StrictModel):
-    partition_activations: bool = Field(False, description="Split saved inputs across the tensor-parallel group.")
-    contiguous_memory_optimization: bool = Field(False, description="Copy checkpoints into one contiguous buffer.")
-    cpu_checkpointing: bool = Field(False, description="Move saved inputs to host memory.")
-    number_checkpoints: Int | None = Field(None, description="Checkpoints per forward (for contiguous buffers).")
-    synchronize_checkpoint_boundary: bool = Field(False, description="Synchronize the device at each checkpoint.")
-    profile: bool = Field(False, description="Time the checkpointed forward and recompute.")
+    partition_activations: bool = Field(default=False, description="Split saved inputs across the tensor-parallel group.")
+    contiguous_memory_optimization: bool = Field(default=False, description="Copy checkpoints into one contiguous buffer.")
+    cpu_checkpointing: bool = Field(default=False, description="Move saved inputs to host memory.")
+    number_checkpoints: Int | None = Field(default=None, description="Checkpoints per forward (for contiguous buffers).")
+    synchronize_checkpoint_boundary: bool = Field(default=False, description="Synchronize the device at each checkpoint.")
+    profile: bool = Field(default=False, description="Time the checkpointed forward and recompute.")
 
 
 class PipelineConfig(StrictModel):
-    stages: Int | Literal["auto"] = Field("auto", description="Pipeline stages.")
-    partition: str = Field("best", description="Layer partition method.")
-    seed_layers: bool = Field(False, description="Seed each layer's initialisation by its index.")
-    activation_checkpoint_interval: Int = Field(0, description="Checkpoint every N layers (0: off).")
-    pipe_partitioned: bool = Field(True, description="Partition activations sent between stages.")
-    grad_partitioned: bool = Field(True, description="Partition gradients sent between stages.")
-    use_reentrant: bool = Field(True, description="Reentrant activation checkpointing in the pipeline.")
-    schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="shardspeed: the pipeline schedule, 1F1B or GPipe (all forwards, then all backwards).")
+    stages: Int | Literal["auto"] = Field(default="auto", description="Pipeline stages.")
+    partition: str = Field(default="best", description="Layer partition method.")
+    seed_layers: bool = Field(default=False, description="Seed each layer's initialisation by its index.")
+    activation_checkpoint_interval: Int = Field(default=0, description="Checkpoint every N layers (0: off).")
+    pipe_partitioned: bool = Field(default=True, description="Partition activations sent between stages.")
+    grad_partitioned: bool = Field(default=True, description="Partition gradients sent between stages.")
+    use_reentrant: bool = Field(default=True, description="Reentrant activation checkpointing in the pipeline.")
+    schedule: Literal["1f1b", "gpipe"] = Field(default="1f1b", description="shardspeed: the pipeline schedule, 1F1B or GPipe (all forwards, then all backwards).")
 
 
 class TensorParallelConfig(StrictModel):
-    autotp_size: Int = Field(0, alias="tp_size", description="Tensor-parallel degree for automatic sharding (0 or 1: off).")
-    mpu: Any = Field(None, description="A Megatron-style model-parallel unit.")
-    tp_grain_size: Int = Field(64, description="Shard sizes are multiples of this.")
-    tp_overlap_comm: bool = Field(False, description="Overlap tensor-parallel communication.")
-    preset_model: str | None = Field(None, description="Sharding preset for a known model family.")
-    partition_config: dict[str, Any] | None = Field(None, description="Custom layer sharding specs.")
+    autotp_size: Int = Field(default=0, alias="tp_size", description="Tensor-parallel degree for automatic sharding (0 or 1: off).")
+    mpu: Any = Field(default=None, description="A Megatron-style model-parallel unit.")
+    tp_grain_size: Int = Field(default=64, description="Shard sizes are multiples of this.")
+    tp_overlap_comm: bool = Field(default=False, description="Overlap tensor-parallel communication.")
+    preset_model: str | None = Field(default=None, description="Sharding preset for a known model family.")
+    partition_config: dict[str, Any] | None = Field(default=None, description="Custom layer sharding specs.")
+    _size_key: str = PrivateAttr(default="autotp_size")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _remember_spelling(cls, data: Any, handler: Any) -> "TensorParallelConfig":
+        # Errors about the size name the key the user wrote (DeepSpeed accepts both).
+        model = handler(data)
+        if isinstance(data, dict) and "tp_size" in data and "autotp_size" not in data:
+            model._size_key = "tp_size"
+        return model
+
+    @property
+    def size_key(self) -> str:
+        """`tensor_parallel.autotp_size` or `tensor_parallel.tp_size`, as written."""
+        return f"tensor_parallel.{self._size_key}"
 
 
 class MoEConfig(StrictModel):
-    enabled: bool = Field(False, description="Mixture-of-experts training.")
-    ep_size: Int = Field(1, description="Expert-parallel degree.")
-    moe_param_group: bool = Field(False, description="Split expert parameters into their own groups.")
+    enabled: bool = Field(default=False, description="Mixture-of-experts training.")
+    ep_size: Int = Field(default=1, description="Expert-parallel degree.")
+    moe_param_group: bool = Field(default=False, description="Split expert parameters into their own groups.")
 
 
 class TensorBoardConfig(StrictModel):
-    enabled: bool = Field(False, description="Write TensorBoard events on rank 0.")
-    output_path: str = Field("", description="Folder for event files; they go to <output_path>/<job_name> (default: ./<job_name>).")
-    job_name: str = Field("DeepSpeedJobName", description="Sub-folder named for this job.")
+    enabled: bool = Field(default=False, description="Write TensorBoard events on rank 0.")
+    output_path: str = Field(default="", description="Folder for event files; they go to <output_path>/<job_name> (default: ./<job_name>).")
+    job_name: str = Field(default="DeepSpeedJobName", description="Sub-folder named for this job.")
 
 
 class CSVMonitorConfig(StrictModel):
-    enabled: bool = Field(False, description="Write one CSV per metric on rank 0.")
-    output_path: str = Field("", description="Folder for CSV files.")
-    job_name: str = Field("DeepSpeedJobName", description="Sub-folder named for this job.")
+    enabled: bool = Field(default=False, description="Write one CSV per metric on rank 0.")
+    output_path: str = Field(default="", description="Folder for CSV files.")
+    job_name: str = Field(default="DeepSpeedJobName", description="Sub-folder named for this job.")
 
 
 class WandbConfig(StrictModel):
-    enabled: bool = Field(False, description="Log to Weights & Biases on rank 0 (WANDB_MODE=offline works).")
-    group: str | None = Field(None, description="W&B run group.")
-    team: str | None = Field(None, description="W&B entity.")
-    project: str = Field("deepspeed", description="W&B project.")
+    enabled: bool = Field(default=False, description="Log to Weights & Biases on rank 0 (WANDB_MODE=offline works).")
+    group: str | None = Field(default=None, description="W&B run group.")
+    team: str | None = Field(default=None, description="W&B entity.")
+    project: str = Field(default="deepspeed", description="W&B project.")
 
 
 class CometConfig(StrictModel):
-    enabled: bool = Field(False, description="Log to Comet; not supported.")
+    enabled: bool = Field(default=False, description="Log to Comet; not supported.")
     samples_log_interval: Int = 100
     project: str | None = None
     workspace: str | None = None
@@ -217,7 +232,7 @@ class CometConfig(StrictModel):
 
 
 class FlopsProfilerConfig(StrictModel):
-    enabled: bool = Field(False, description="Profile FLOPs at profile_step.")
+    enabled: bool = Field(default=False, description="Profile FLOPs at profile_step.")
     recompute_fwd_factor: float = 0.0
     profile_step: Int = 1
     module_depth: Int = -1
@@ -235,7 +250,7 @@ class CommsLoggerConfig(StrictModel):
 
 
 class CheckpointConfig(StrictModel):
-    tag_validation: Literal["WARN", "IGNORE", "FAIL"] = Field("WARN", description="Check that all ranks save under the same tag (any case).")
+    tag_validation: Literal["WARN", "IGNORE", "FAIL"] = Field(default="WARN", description="Check that all ranks save under the same tag (any case).")
     _upper = field_validator("tag_validation", mode="before")(lambda v: v.upper() if isinstance(v, str) else v)
     load_universal: bool = False
     use_node_local_storage: bool = False
@@ -243,8 +258,8 @@ class CheckpointConfig(StrictModel):
 
 
 class DataTypesConfig(StrictModel):
-    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="Dtype of accumulated gradients.")
-    keep_in_fp32_modules: Literal["auto"] | list[str] = Field("auto", description='Module name patterns kept in fp32 ("auto": the model\'s own list).')
+    grad_accum_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(default=None, description="Dtype of accumulated gradients.")
+    keep_in_fp32_modules: Literal["auto"] | list[str] = Field(default="auto", description='Module name patterns kept in fp32 ("auto": the model\'s own list).')
     param_dtype: str | None = None
     buffer_dtype: str | None = None
 

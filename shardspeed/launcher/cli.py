@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from shardspeed.launcher import hostfile as hf
 from shardspeed.launcher import multinode as mn
@@ -58,8 +59,17 @@ def load_subcommand(name: str) -> Callable[[list[str]], int]:
     return getattr(importlib.import_module(module_name), function)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        if "required: user_script" in message:
+            # argparse would call the script's (optional) arguments required too; say what is missing.
+            message = ("give the training script to run (shardspeed [flags] script.py [its args]), or a subcommand: "
+                       + ", ".join(SUBCOMMANDS))
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shardspeed", allow_abbrev=False,
         description="Launch a training script on one or more nodes (DeepSpeed launcher flags).",
         epilog="subcommands: " + ", ".join(f"shardspeed {name} ..." for name in SUBCOMMANDS))

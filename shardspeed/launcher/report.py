@@ -111,7 +111,8 @@ def environment_warnings(backends: dict[str, bool], cuda_available: bool, shm: i
     if cuda_available and not backends.get("nccl"):
         found.append("CUDA is available but NCCL is not: GPU runs fall back to gloo (slow)")
     if not cuda_available:
-        found.append("no CUDA device: runs use the CPU and gloo (fp16 and GPU-only paths are skipped)")
+        found.append("no CUDA device: runs use the CPU and gloo (fp16 and bf16 train there too; CUDA-only paths "
+                     "such as pinned memory and streams are skipped)")
     if shm is not None and shm < SHM_WARN_BYTES:
         found.append(f"/dev/shm is {shm / 2**20:.0f} MB; NCCL may fail (docker: --shm-size=1g or larger)")
     return found

@@ -56,7 +56,10 @@ class Segment:
         return self.param is not None
 
     def values(self) -> torch.Tensor:
-        return self.param if self.param is not None else self.load()
+        if self.param is not None:
+            return self.param
+        assert self.load is not None  # a segment without `param` gives `load` and `store`
+        return self.load()
 
 
 @dataclass(eq=False)
@@ -176,8 +179,9 @@ class OffloadedOptimizer:
             self._step_waves([[sg] for sg in self.sub_groups], factor)
 
     def _step_waves(self, waves: list[list[_SubGroup]], factor: float) -> None:
-        staged = self._stage_grads(waves[0], factor, slot=0)
+        staged: tuple[list[torch.Tensor], Any] | None = self._stage_grads(waves[0], factor, slot=0)
         for w, wave in enumerate(waves):
+            assert staged is not None  # the first wave is staged above, each later one in the pass before it
             following = self._stage_grads(waves[w + 1], factor, slot=(w + 1) % 2) if w + 1 < len(waves) else None
             self._wait_staged(staged)
             self._optimizer_step(wave, staged[0])
@@ -196,6 +200,7 @@ class OffloadedOptimizer:
                 seg, start, n, _ = sg.pieces[0]
                 grads.append(seg.grad.reshape(-1)[start:start + n])
                 continue
+            assert staging is not None  # `need` counted this sub-group
             host = staging[at:at + sg.numel]
             at += sg.numel
             for seg, start, n, off in sg.pieces:
@@ -245,6 +250,7 @@ class OffloadedOptimizer:
                 master = sg.master.detach()
                 for seg, start, n, off in sg.pieces:
                     if seg.param is None:
+                        assert seg.store is not None  # a segment without `param` gives `load` and `store`
                         seg.store(master[off:off + n])
                     else:
                         seg.param.reshape(-1)[start:start + n].copy_(master[off:off + n], non_blocking=self.pin)
@@ -293,7 +299,9 @@ class OffloadedOptimizer:
     # ---- whole partitions, for checkpoints ---------------------------------------------------------
     def group_master_and_state(self, g: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Group g's fp32 master (its segments end to end) and optimizer state, per element where it is."""
-        masters, per_element, scalars = [], {}, {}
+        masters: list[torch.Tensor] = []
+        per_element: dict[str, list[torch.Tensor]] = {}
+        scalars: dict[str, Any] = {}
         for i, sg in enumerate(self.sub_groups):
             if sg.group != g:
                 continue

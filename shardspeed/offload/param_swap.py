@@ -43,7 +43,7 @@ class ParamSwapper:
         if cfg.buffer_count < 1:
             raise ConfigError("`zero_optimization.offload_param.buffer_count` must be at least 1")
         self.aio = AsyncIO.from_config(aio)
-        self.space = SwapSpace(cfg.nvme_path, "param", rank, nbytes, self.aio,
+        self.space: SwapSpace | None = SwapSpace(cfg.nvme_path, "param", rank, nbytes, self.aio,
                                config_key="zero_optimization.offload_param.nvme_path")
         size = -(-max(nbytes.values()) // _ALIGN) * _ALIGN
         self.buffers = [aligned_empty(size, pin=pin) for _ in range(cfg.buffer_count)]
@@ -77,12 +77,12 @@ class ParamSwapper:
         """Start reading a partition: (pool buffer to release after use, the partition view, request)."""
         buf = self._acquire()
         view = buf[:numel * _itemsize(dtype)].view(dtype)
-        return buf, view, self.space.read(key, view)
+        return buf, view, self._open_space().read(key, view)
 
     def read_now(self, key: Hashable, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A partition as a tensor of its own (for rare whole-value edits; not from the pool)."""
         out = torch.empty(numel, dtype=dtype)
-        self.space.read(key, out).wait()
+        self._open_space().read(key, out).wait()
         return out
 
     def write(self, key: Hashable, values: torch.Tensor, dtype: torch.dtype) -> None:
@@ -90,7 +90,11 @@ class ParamSwapper:
         buf = self._acquire()
         view = buf[:values.numel() * _itemsize(dtype)].view(dtype)
         view.copy_(values.reshape(-1))
-        self._writes.append((buf, self.space.write(key, view)))
+        self._writes.append((buf, self._open_space().write(key, view)))
+
+    def _open_space(self) -> SwapSpace:
+        assert self.space is not None, "parameter swap used after close()"
+        return self.space
 
     def flush(self) -> None:
         while self._writes:

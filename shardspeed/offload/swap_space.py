@@ -131,7 +131,7 @@ class SwapSpace:
     region. Different regions proceed in parallel.
     """
 
-    def __init__(self, nvme_path: str, kind: str, rank: int, regions: dict[Hashable, int], aio: AsyncIO,
+    def __init__(self, nvme_path: str | None, kind: str, rank: int, regions: dict[Hashable, int], aio: AsyncIO,
                  fast_init: bool = False, *, config_key: str = "zero_optimization.offload_optimizer.nvme_path",
                  o_direct: bool = USE_O_DIRECT) -> None:
         self._aio, self._key = aio, config_key

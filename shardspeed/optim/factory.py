@@ -185,7 +185,7 @@ def _construct(cls: Callable[..., torch.optim.Optimizer], display: str, kwargs: 
         raise ConfigError(f"`{PARAMS_PATH}` rejected by {display}: {exc}") from exc
 
 
-def _signature_defaults(cls: type) -> dict[str, Any]:
+def _signature_defaults(cls: type[torch.optim.Optimizer]) -> dict[str, Any]:
     """Keyword parameters of ``cls.__init__`` (except the parameters themselves) and their defaults."""
     sig = inspect.signature(cls.__init__)
     skip = {"self", "params", "model_params"}
@@ -300,6 +300,7 @@ class AdamNoBiasCorrection(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
+        assert p.grad is not None  # step() only updates parameters that have a gradient
         grad = p.grad if group["decoupled"] or wd == 0 else p.grad.add(p, alpha=wd)
         state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

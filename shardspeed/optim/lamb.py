@@ -91,7 +91,7 @@ class Lamb(torch.optim.Optimizer):
                  for pos, c in zip(positions, coeffs.tolist())]
         return [c for _, c in sorted(pairs)]
 
-    def _update_bucket(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+    def _update_bucket(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor] | tuple[Tensor, ...],
                        clip: Tensor | None) -> Tensor:
         """Apply the rule to tensors sharing a device and dtype; returns their trust ratios."""
         beta1, beta2 = group["betas"]

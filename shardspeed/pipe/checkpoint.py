@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime.checkpoint_io import CheckpointError, load_verified, read_manifest, save_torch, write_manifest
-from ..runtime.model_checkpoint import MODEL_FILE, begin_save, commit_tag, resolve_tag, training_state
+from ..runtime.model_checkpoint import MODEL_FILE, begin_save, commit_tag, resolve_tag, restore_counters, training_state
 from ..zero.universal import merge_shards
 from .partition import stage_of
 
@@ -116,8 +116,7 @@ def load(engine: "PipelineEngine", load_dir: str, tag: str | None, strict: bool,
         engine.strategy.load_universal(_merge_stage_shards(folder, manifest, layout, set(layers)))
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
-    for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
-        setattr(engine, key, model_state[key])
+    restore_counters(engine, model_state)
     if manifest.get("world_size") == dist.get_world_size():
         rank_state = load_verified(folder, _rank_file(engine.global_rank), manifest)
         _restore_rng(rank_state["rng"])

@@ -66,6 +66,7 @@ class PipelineEngine(ShardspeedEngine):
     """Built by `shardspeed.initialize(model=PipelineModule(...))`; use `train_batch` / `eval_batch`."""
 
     _is_pipeline = True
+    module: PipelineModule  # set by ShardspeedEngine.__init__ to the module checked below
 
     def __init__(self, module: PipelineModule, config: ShardspeedConfig, topology: Topology,
                  optimizer: torch.optim.Optimizer | None, lr_scheduler: Any, loss_scaler: LossScaler,
@@ -75,13 +76,13 @@ class PipelineEngine(ShardspeedEngine):
         _check_config(config, module)
         super().__init__(module, config, topology, optimizer, lr_scheduler, loss_scaler, training_dataloader)
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
-        self.micro_batches = config.gradient_accumulation_steps
+        self.micro_batches = self.gradient_accumulation_steps()
         self.pipe = topology.axis("pipe")
         prev_rank = self.pipe.ranks[self.stage_id - 1] if self.stage_id > 0 else None
         next_rank = self.pipe.ranks[self.stage_id + 1] if self.stage_id < self.num_stages - 1 else None
         groups = make_p2p_groups(module.topology().get_axis_comm_lists("pipe"), self.global_rank)
         self.channel = StageChannel(prev_rank, next_rank, self.device, groups)
-        self.pipeline_schedule = config.pipeline.schedule
+        self.pipeline_schedule: str = config.pipeline.schedule  # a key of SCHEDULES (set_pipeline_schedule)
         self.pipe_stats = PipeStats()
         self.data_iterator: Iterator[Any] | None = None
         self.batch_fn: Any = None
@@ -90,7 +91,7 @@ class PipelineEngine(ShardspeedEngine):
         if training_dataloader is not None and self._reads_data():
             self.data_iterator = _repeat(training_dataloader)
 
-    def _counted_elsewhere(self) -> set[torch.nn.Parameter]:
+    def _counted_elsewhere(self) -> set[torch.Tensor]:
         """Besides tensor-parallel replicas: a tied weight's copies on later stages (the first stage counts it)."""
         return super()._counted_elsewhere() | self.module.duplicate_parameters()
 
@@ -240,6 +241,7 @@ class PipelineEngine(ShardspeedEngine):
         self.timers(BACKWARD).start()
         self.strategy.prepare_backward(False)  # data-parallel reduction waits for the whole batch
         if self.is_last_stage():
+            assert micro.loss is not None  # set by this micro batch's forward on the last stage
             gas = self.micro_batches
             self.strategy.backward(micro.loss / gas if gas > 1 else micro.loss)
         else:
@@ -287,10 +289,11 @@ class PipelineEngine(ShardspeedEngine):
         """The last stage's scalar loss, on every stage of this replica."""
         value = torch.zeros((), dtype=torch.float32, device=self.device)
         if self.is_last_stage():
+            assert loss is not None  # the last stage always passes its loss
             value.copy_(loss.reshape(()) if loss.numel() == 1 else torch.tensor(float("nan")))
         if self.num_stages > 1:
             dist.broadcast(value, src=self.pipe.ranks[-1], group=self.pipe.group)
-        if self.is_last_stage() and loss.numel() != 1:
+        if self.is_last_stage() and loss is not None and loss.numel() != 1:
             raise ValueError(f"the pipeline's loss must be a scalar, got shape {tuple(loss.shape)}")
         return value
 

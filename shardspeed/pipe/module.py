@@ -200,7 +200,7 @@ class PipelineModule(nn.Module):
                 weight.grad = torch.zeros_like(weight)
             dist.all_reduce(weight.grad, group=tie.group)
 
-    def duplicate_parameters(self) -> set[torch.nn.Parameter]:
+    def duplicate_parameters(self) -> set[torch.Tensor]:
         """Tied parameters that another stage holds the first copy of (counted once in the gradient norm)."""
         return {w for tie, w in self.tied_weights() if tie.owner != self.global_rank}
 

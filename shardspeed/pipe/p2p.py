@@ -139,7 +139,9 @@ class StageChannel:
     def _send(self, tensor: torch.Tensor, dst: int | None, group: Any) -> None:
         assert dst is not None, "no stage to send to"
         tensor = tensor.contiguous()
-        self._pending.append((dist.isend(tensor, dst, group=group), tensor))
+        work = dist.isend(tensor, dst, group=group)
+        assert work is not None  # None only for a rank outside `group`: ours are its own pipeline's (or the world)
+        self._pending.append((work, tensor))
         if len(self._pending) > 64:  # drop finished sends so a long GPipe batch does not hold them all
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
 
@@ -149,7 +151,9 @@ class StageChannel:
     @staticmethod
     def _post(buffer: torch.Tensor, src: int | None, group: Any) -> tuple[dist.Work, torch.Tensor]:
         assert src is not None, "no stage to receive from"
-        return dist.irecv(buffer, src, group=group), buffer
+        work = dist.irecv(buffer, src, group=group)
+        assert work is not None  # None only for a rank outside `group`: ours are its own pipeline's (or the world)
+        return work, buffer
 
     def _wait(self, posted: list[tuple[dist.Work, torch.Tensor]]) -> list[torch.Tensor]:
         start = time.perf_counter()

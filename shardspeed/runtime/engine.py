@@ -83,20 +83,24 @@ class ShardspeedEngine(torch.nn.Module):
         replica = self.topology.axis(Axis.MODEL_PARALLEL)
         return NormScope(replica.group if replica.size > 1 else None, frozenset(self._counted_elsewhere()))
 
-    def _counted_elsewhere(self) -> set[torch.nn.Parameter]:
+    def _counted_elsewhere(self) -> set[torch.Tensor]:
         """Parameters whose gradient another rank of the replica counts: tensor-parallel rank 0 counts the replicated ones."""
         if self.topology.axis(Axis.TENSOR).rank == 0:
             return set()
         return {p for p in self.module.parameters() if not is_tensor_parallel(p)}
 
     # ---- DeepSpeed-named accessors, read from the typed config ------------------------------
+    # The three batch sizes are optional in a ds_config; load_config fills in the missing ones.
     def train_batch_size(self) -> int:
+        assert self.config.train_batch_size is not None
         return self.config.train_batch_size
 
     def train_micro_batch_size_per_gpu(self) -> int:
+        assert self.config.train_micro_batch_size_per_gpu is not None
         return self.config.train_micro_batch_size_per_gpu
 
     def gradient_accumulation_steps(self) -> int:
+        assert self.config.gradient_accumulation_steps is not None
         return self.config.gradient_accumulation_steps
 
     def zero_optimization_stage(self) -> int:
@@ -231,7 +235,11 @@ class ShardspeedEngine(torch.nn.Module):
         if self.config.memory_breakdown and every and self.global_steps % every == 0 and self.global_rank == 0:
             logger.info("[rank 0] memory breakdown (bytes): %s", self.memory_breakdown())
 
-    def zero_grad(self) -> None:
+    def restart_throughput_clock(self) -> None:
+        """Samples/s at the next print counts from now (after a checkpoint load moved the step counter)."""
+        self._last_print = (time.perf_counter(), self.global_steps)
+
+    def zero_grad(self) -> None:  # type: ignore[override]  # DeepSpeed's engine.zero_grad() takes no set_to_none
         self.strategy.zero_grad()
 
     def memory_breakdown(self) -> dict[str, int]:
@@ -262,7 +270,7 @@ class ShardspeedEngine(torch.nn.Module):
 
     def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict]:
+                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict | None]:
         return checkpointing.load(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                   load_lr_scheduler_states, load_module_only)
 
@@ -310,3 +318,6 @@ def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:
     if isinstance(obj, dict):
         return {k: _cast_floats(v, dtype) for k, v in obj.items()}
     return obj
+
+
+DeepSpeedEngine = ShardspeedEngine  # DeepSpeed's name (`deepspeed.runtime.engine.DeepSpeedEngine`), for isinstance checks

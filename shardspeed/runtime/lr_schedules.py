@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -183,9 +183,7 @@ class OneCycle(_Schedule):
         self.total_size = self.first_step_size + self.second_step_size
         self.step_ratio = self.first_step_size / self.total_size
         self.first_stair_count = cycle_first_stair_count
-        self.second_stair_count = cycle_second_stair_count
-        if cycle_second_stair_count is None:
-            self.second_stair_count = cycle_first_stair_count
+        self.second_stair_count = cycle_first_stair_count if cycle_second_stair_count is None else cycle_second_stair_count
         self.decay_step_size = decay_step_size
         no_decay_interval = math.isclose(decay_step_size, 0)
         self.min_lrs = _per_group(self.optimizer, cycle_min_lr, "cycle_min_lr")
@@ -380,10 +378,12 @@ class WarmupCosineLR(_Schedule):
         return [lr * ratio for lr in self.org_lrs]
 
 
-_SCHEDULERS: dict[str, type[_Schedule]] = {
+# Each class takes the optimizer and its own keyword parameters (read by build_lr_scheduler).
+_SCHEDULERS: dict[str, Callable[..., _Schedule]] = {
     cls.__name__: cls for cls in (LRRangeTest, OneCycle, WarmupLR, WarmupDecayLR, WarmupCosineLR)
 }
 VALID_SCHEDULERS: tuple[str, ...] = tuple(_SCHEDULERS)
+VALID_LR_SCHEDULES: list[str] = list(VALID_SCHEDULERS)  # DeepSpeed's name (accelerate reads it)
 """The `scheduler.type` names a ds_config may use."""
 
 

@@ -77,6 +77,25 @@ def begin_save(engine: Any, save_dir: str, tag: str | None) -> tuple[str, Path, 
     return tag, root, partial
 
 
+RECOVERY_SCRIPT_NAME = "zero_to_fp32.py"
+# The copy every checkpoint folder carries, as DeepSpeed's do (`cd save_dir && python zero_to_fp32.py . out.bin`).
+RECOVERY_SCRIPT = '''#!/usr/bin/env python
+"""Consolidate the shardspeed checkpoint in this folder into one fp32 state dict, as DeepSpeed's
+zero_to_fp32.py does:
+
+    python zero_to_fp32.py . pytorch_model.bin        # or an output folder, or *.safetensors
+
+It calls shardspeed's converter (`shardspeed zero-to-fp32 --help` lists the options).
+"""
+import sys
+
+from shardspeed.checkpoint.zero_to_fp32 import main
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+
 def commit_tag(root: Path, partial: Path, tag: str, save_latest: bool) -> None:
     """Make the fully written `partial` folder the checkpoint `tag` (replacing an old one), then `latest`."""
     final = root / tag
@@ -89,6 +108,7 @@ def commit_tag(root: Path, partial: Path, tag: str, save_latest: bool) -> None:
     else:
         partial.rename(final)
     fsync_dir(root)
+    atomic_write_bytes(root / RECOVERY_SCRIPT_NAME, RECOVERY_SCRIPT.encode())
     if save_latest:
         atomic_write_bytes(root / LATEST, tag.encode())
 
@@ -117,6 +137,14 @@ def training_state(engine: Any, client_state: dict[str, Any]) -> dict[str, Any]:
         "zero_stage": engine.zero_optimization_stage(),
         "client_state": client_state,
     }
+
+
+def restore_counters(engine: Any, model_state: dict[str, Any]) -> None:
+    """The step counters `training_state` saved; samples/s at the next print counts from here, not
+    from the engine's start (the counters just jumped)."""
+    for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+        setattr(engine, key, model_state[key])
+    engine.restart_throughput_clock()
 
 
 def _aliases(module: torch.nn.Module) -> dict[str, str]:
@@ -208,8 +236,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
         rank_state = load_verified(folder, _rank_file(own), manifest)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and model_state["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
-    for key in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
-        setattr(engine, key, model_state[key])
+    restore_counters(engine, model_state)
     _restore_rng(rank_state["rng"])
     if (rank_state.get("dataloader") is not None and engine.training_dataloader is not None
             and saved_world == dist.get_world_size() and not resharding):  # the same data-parallel layout

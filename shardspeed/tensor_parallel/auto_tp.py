@@ -16,6 +16,7 @@ same mask on each of them, or the replicas drift apart silently.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,18 +31,19 @@ from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedd
 SUPPORTED = ("gpt2", "llama")
 
 
-def auto_tp(model: nn.Module, tp: AxisGroup) -> nn.Module:
-    """Shard `model` (in place) across `tp`; returns it. Collective over every rank."""
+def auto_tp(model: nn.Module, tp: AxisGroup, key: str = "tensor_parallel.autotp_size") -> nn.Module:
+    """Shard `model` (in place) across `tp`; returns it. Collective over every rank. `key`: the config
+    key the size came from, as the user wrote it (for error messages)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in _PLANS:
-        raise ConfigError(f"`tensor_parallel.autotp_size`: AutoTP supports Hugging Face model types {', '.join(SUPPORTED)}; "
+        raise ConfigError(f"`{key}`: AutoTP supports Hugging Face model types {', '.join(SUPPORTED)}; "
                          f"{type(model).__name__} has model_type {model_type!r}. Shard it with shardspeed.tensor_parallel's "
-                         "layers and pass initialize(mpu=...), or set tensor_parallel.autotp_size to 1")
+                         f"layers and pass initialize(mpu=...), or set {key} to 1")
     _make_identical(model)
     if tp.size == 1:
         return model
-    _PLANS[model_type](model, config, tp)
+    _PLANS[model_type](model, config, tp, key)
     _shard_vocabulary(model, tp)
     _same_rng_state(tp)
     return model
@@ -85,16 +87,16 @@ def _make_identical(model: nn.Module) -> None:
                 offset += t.numel()
 
 
-def _require_divisible(what: str, value: int, tp: AxisGroup) -> None:
+def _require_divisible(what: str, value: int, tp: AxisGroup, key: str) -> None:
     if value % tp.size:
-        raise ConfigError(f"`tensor_parallel.autotp_size` {tp.size} does not divide the model's {what} ({value}); "
+        raise ConfigError(f"`{key}` {tp.size} does not divide the model's {what} ({value}); "
                          "choose a size that divides it")
 
 
-def _gpt2(model: nn.Module, config: object, tp: AxisGroup) -> None:
+def _gpt2(model: nn.Module, config: Any, tp: AxisGroup, key: str) -> None:
     if getattr(config, "add_cross_attention", False):
-        raise ConfigError("AutoTP (`tensor_parallel.autotp_size`) does not shard GPT-2's cross-attention (config.add_cross_attention); turn it off")
-    _require_divisible("number of attention heads (n_head)", config.n_head, tp)
+        raise ConfigError(f"AutoTP (`{key}`) does not shard GPT-2's cross-attention (config.add_cross_attention); turn it off")
+    _require_divisible("number of attention heads (n_head)", config.n_head, tp, key)
     for block in _blocks(model, "GPT2Block"):
         attn, mlp = block.attn, block.mlp
         attn.c_attn = ColumnParallelLinear.from_dense(attn.c_attn, tp, stride=3, transposed=True)
@@ -102,15 +104,15 @@ def _gpt2(model: nn.Module, config: object, tp: AxisGroup) -> None:
         attn.num_heads //= tp.size
         attn.split_size //= tp.size
         attn.embed_dim //= tp.size
-        _require_divisible("MLP width (n_inner)", mlp.c_fc.weight.shape[1], tp)
+        _require_divisible("MLP width (n_inner)", mlp.c_fc.weight.shape[1], tp, key)
         mlp.c_fc = ColumnParallelLinear.from_dense(mlp.c_fc, tp, transposed=True)
         mlp.c_proj = RowParallelLinear.from_dense(mlp.c_proj, tp, transposed=True)
 
 
-def _llama(model: nn.Module, config: object, tp: AxisGroup) -> None:
-    _require_divisible("number of attention heads", config.num_attention_heads, tp)
-    _require_divisible("number of key/value heads", config.num_key_value_heads, tp)
-    _require_divisible("intermediate_size", config.intermediate_size, tp)
+def _llama(model: nn.Module, config: Any, tp: AxisGroup, key: str) -> None:
+    _require_divisible("number of attention heads", config.num_attention_heads, tp, key)
+    _require_divisible("number of key/value heads", config.num_key_value_heads, tp, key)
+    _require_divisible("intermediate_size", config.intermediate_size, tp, key)
     for block in _blocks(model, "LlamaDecoderLayer"):
         attn, mlp = block.self_attn, block.mlp
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -139,14 +141,17 @@ def _copy_input_once(module: nn.Module, columns: list[ColumnParallelLinear], tp:
     module.register_forward_pre_hook(copy_on_entry, with_kwargs=True)
 
 
-def _blocks(model: nn.Module, class_name: str) -> list[nn.Module]:
+def _blocks(model: nn.Module, class_name: str) -> list[Any]:
+    """The model's decoder blocks: Hugging Face classes this module does not import, whose layers
+    and sizes (attn.c_attn, attn.num_heads, ...) are plain attributes unknown to nn.Module."""
     blocks = [m for m in model.modules() if type(m).__name__ == class_name]
     if not blocks:
         raise ValueError(f"AutoTP found no {class_name} in {type(model).__name__}; is this a standard Hugging Face model?")
     return blocks
 
 
-def _shard_vocabulary(model: nn.Module, tp: AxisGroup) -> None:
+def _shard_vocabulary(model: Any, tp: AxisGroup) -> None:
+    """`model`: a Hugging Face PreTrainedModel (its embedding accessors and loss_function are not nn.Module's)."""
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is embedding.weight
@@ -162,4 +167,5 @@ def _shard_vocabulary(model: nn.Module, tp: AxisGroup) -> None:
     model.loss_function = CausalLMLoss(new_head.vocab_start, tp)
 
 
-_PLANS: dict[str, Callable[[nn.Module, object, AxisGroup], None]] = {"gpt2": _gpt2, "llama": _llama}
+# The config is the model's Hugging Face config: its fields differ per model type.
+_PLANS: dict[str, Callable[[nn.Module, Any, AxisGroup, str], None]] = {"gpt2": _gpt2, "llama": _llama}

@@ -28,6 +28,7 @@ def as_tp_group(group: AxisGroup | dist.ProcessGroup | None) -> AxisGroup:
         if not dist.is_initialized():
             raise RuntimeError("tensor-parallel layers need torch.distributed: call shardspeed.init_distributed() first")
         group = dist.group.WORLD
+        assert group is not None  # set once torch.distributed is initialised, checked above
     return axis_of_group(group)
 
 

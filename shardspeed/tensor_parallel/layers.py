@@ -17,7 +17,7 @@ original model unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,10 @@ def split_range(total: int, parts: int, index: int) -> tuple[int, int]:
 
 def mark_tensor_parallel(param: nn.Parameter, partition_dim: int, stride: int = 1) -> nn.Parameter:
     """Megatron's attributes for a parameter split across the tensor-parallel group."""
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-    param.partition_stride = stride
+    # Set by name: they are Megatron's ad-hoc marks, read back with getattr, not Parameter attributes.
+    setattr(param, "tensor_model_parallel", True)
+    setattr(param, "partition_dim", partition_dim)
+    setattr(param, "partition_stride", stride)
     return param
 
 
@@ -67,6 +68,16 @@ def shard(full: torch.Tensor, dim: int, tp: AxisGroup, stride: int = 1, what: st
     return cut(full, dim, stride, tp)
 
 
+class DenseLayer(Protocol):
+    """What `from_dense` reads of a dense layer: nn.Linear, or Hugging Face's [in, out] Conv1D."""
+
+    @property
+    def weight(self) -> torch.Tensor: ...
+
+    @property
+    def bias(self) -> torch.Tensor | None: ...
+
+
 def _default_weight(out_features: int, in_features: int, bias: bool, dtype: Any, device: Any,
                     init_method: Callable[[torch.Tensor], Any] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The full weight and bias an unsharded nn.Linear would start from (same RNG draws), before sharding."""
@@ -92,7 +103,7 @@ class ColumnParallelLinear(nn.Module):
         self._setup(weight, b, as_tp_group(tp_group), gather_output, skip_bias_add, stride, transposed=False)
 
     @classmethod
-    def from_dense(cls, layer: nn.Module, tp_group: AxisGroup | dist.ProcessGroup | None, gather_output: bool = False,
+    def from_dense(cls, layer: DenseLayer, tp_group: AxisGroup | dist.ProcessGroup | None, gather_output: bool = False,
                    stride: int = 1, transposed: bool = False) -> "ColumnParallelLinear":
         """This rank's shard of an existing dense layer (nn.Linear, or a [in, out] Conv1D with transposed=True)."""
         obj = cls.__new__(cls)
@@ -145,7 +156,7 @@ class RowParallelLinear(nn.Module):
         self._setup(weight, b, as_tp_group(tp_group), input_is_parallel, skip_bias_add, transposed=False)
 
     @classmethod
-    def from_dense(cls, layer: nn.Module, tp_group: AxisGroup | dist.ProcessGroup | None, input_is_parallel: bool = True,
+    def from_dense(cls, layer: DenseLayer, tp_group: AxisGroup | dist.ProcessGroup | None, input_is_parallel: bool = True,
                    transposed: bool = False) -> "RowParallelLinear":
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
@@ -209,9 +220,10 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.vocab_start, self.vocab_end = split_range(self.num_embeddings, tp.size, tp.rank)
         self.weight = mark_tensor_parallel(nn.Parameter(cut(weight, 0, 1, tp)), 0)
-        inside = padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end
         self.padding_idx = padding_idx
-        self._local_padding_idx = padding_idx - self.vocab_start if inside else None
+        self._local_padding_idx: int | None = None
+        if padding_idx is not None and self.vocab_start <= padding_idx < self.vocab_end:
+            self._local_padding_idx = padding_idx - self.vocab_start
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -6,6 +6,7 @@ optimizer states live and how gradients are combined across data-parallel ranks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,7 +39,7 @@ class NormScope:
     """
 
     group: dist.ProcessGroup | None = None  # None: the replica is this rank alone
-    counted_elsewhere: frozenset[torch.nn.Parameter] = field(default_factory=frozenset)
+    counted_elsewhere: frozenset[torch.Tensor] = field(default_factory=frozenset)  # tied weights: found by attribute name
 
     @property
     def spans_ranks(self) -> bool:
@@ -74,9 +75,13 @@ class ParamGroupComm:
 class ZeroStrategy(Protocol):
     """What the engine asks of a stage. One object per engine, chosen by `build_zero_strategy`."""
 
-    optimizer: torch.optim.Optimizer | None  # the torch optimizer whose param_groups the LR schedule drives
     replicated: bool  # True when every rank's state_dict() is the same (only rank 0 saves it)
     partitions_parameters: bool  # True when no rank holds whole parameters (stage 3)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The torch optimizer whose param_groups the LR schedule drives (read-only here: each
+        stage's own attribute is narrower, None or always an optimizer)."""
 
     def prepare_backward(self, boundary: bool) -> None:
         """Before a backward: whether this micro step ends an accumulation window."""
@@ -187,7 +192,7 @@ def unscale_and_clip_factor(pieces: list[NormPiece], loss_scaler: Any, check_ove
     return StepResult(applied=True, overflow=False, grad_norm=norm), clip_factor(norm, max_norm) / scale
 
 
-def step_partitions(optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], grads: list[torch.Tensor],
+def step_partitions(optimizer: torch.optim.Optimizer, masters: Sequence[torch.Tensor], grads: list[torch.Tensor],
                     pieces: list[NormPiece], loss_scaler: Any, check_overflow: bool, max_norm: float,
                     model_group: dist.ProcessGroup | None = None) -> StepResult:
     """Unscale, check overflow, clip on the global norm (over `pieces`) and step fp32 masters from

@@ -24,9 +24,9 @@ from .reducer import ReduceOptions
 from .stage0 import ReplicatedOptimizer
 from .stage3 import Offload, Stage3Optimizer
 
-STAGE3_WITH_MODEL_PARALLEL = (
-    "`zero_optimization.stage` 3 does not compose with tensor or pipeline parallelism in shardspeed (as in DeepSpeed's "
-    "AutoTP training: stages 0-2); set `zero_optimization.stage` to 1 or 2, or `tensor_parallel.autotp_size` to 1")
+def stage3_with_model_parallel(tp_key: str = "tensor_parallel.autotp_size") -> str:
+    return ("`zero_optimization.stage` 3 does not compose with tensor or pipeline parallelism in shardspeed (as in "
+            f"DeepSpeed's AutoTP training: stages 0-2); set `zero_optimization.stage` to 1 or 2, or `{tp_key}` to 1")
 
 _COMM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -85,7 +85,7 @@ def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope
                           "only (as in DeepSpeed: stage 2 would reduce gradients every micro batch, stage 3 would gather "
                           "each stage's parameters); set `zero_optimization.stage` to 0 or 1")
     if zero.stage == 3 and norm_scope.spans_ranks:
-        raise ConfigError(STAGE3_WITH_MODEL_PARALLEL)
+        raise ConfigError(stage3_with_model_parallel())
     section = zero.offload_optimizer
     if zero.stage == 0 and section is not None and section.device != "none":
         raise ConfigError("`zero_optimization.offload_optimizer` needs ZeRO stage 1, 2 or 3 (it offloads the partitioned "

@@ -44,6 +44,7 @@ class FetchSchedule:
         self._recording.append(event)
         if not self.valid:
             return
+        assert self.trace is not None  # valid is only set when there is a trace to follow
         if self._pos < len(self.trace) and self.trace[self._pos].key == event.key and self.trace[self._pos].units == event.units:
             self._pos += 1
             self._cursor = max(self._cursor, self._pos)
@@ -73,6 +74,7 @@ class FetchSchedule:
         """(position, units) of the events not yet prefetched that start within `elements` of now."""
         if not self.valid:
             return
+        assert self.trace is not None  # valid is only set when there is a trace to follow
         end = self._prefix[self._pos] + elements
         i = self._cursor
         while i < len(self.trace) and self._prefix[i] < end:
@@ -83,6 +85,7 @@ class FetchSchedule:
         """Elements of the events between now and the prefetch cursor (already on their way)."""
         if not self.valid:
             return 0
+        assert self.trace is not None  # valid is only set when there is a trace to follow
         return self._prefix[min(self._cursor, len(self.trace))] - self._prefix[self._pos]
 
     def prefetched_through(self, position: int) -> None:

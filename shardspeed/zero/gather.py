@@ -21,6 +21,11 @@ import torch.distributed as dist
 from .param_shards import Unit
 
 
+def _in_memory(unit: Unit) -> torch.Tensor:
+    assert unit.partition is not None, "a unit whose shards are on the drive is gathered from `sources`"
+    return unit.partition
+
+
 class GatherBatch:
     """Units gathered by one collective; `wait()` finishes it and points their parameters at the weights."""
 
@@ -35,7 +40,7 @@ class GatherBatch:
         units = list(units)
         first = units[0]
         axis, policy, device, dtype = first.dp, first.policy, first.compute_device, first.dtype
-        parts = list(sources) if sources is not None else [u.partition for u in units]
+        parts = list(sources) if sources is not None else [_in_memory(u) for u in units]
         parts = [p if p.device == device else p.to(device, non_blocking=True) for p in parts]  # offload_param: host shards
         buffer = torch.empty(sum(u.full_numel for u in units), dtype=dtype, device=device)
         at = 0

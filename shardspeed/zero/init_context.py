@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ..accelerator import get_accelerator
 from ..comm.topology import AxisGroup, Topology
-from .param_shards import ParameterNotGatheredError, Unit, is_partitioned, not_gathered_error
+from .param_shards import ParameterNotGatheredError, ReleasedParameter, Unit, is_partitioned, not_gathered_error
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,7 +48,7 @@ class _StandaloneManager:
         self.active = False  # inside the Init context
         self.window: dict[Unit, None] = {}  # gathered by touches outside any scope, oldest first
 
-    def touched(self, param: torch.nn.Parameter) -> None:
+    def touched(self, param: ReleasedParameter) -> None:
         unit = param.ds_unit
         if self.scopes:
             self.scopes[-1].add(unit)
@@ -63,7 +63,7 @@ class _StandaloneManager:
         else:
             raise not_gathered_error(param)
 
-    def touched_data(self, param: torch.nn.Parameter) -> None:
+    def touched_data(self, param: ReleasedParameter) -> None:
         if self.scopes or self.active:
             self.touched(param)
 
@@ -108,8 +108,9 @@ class _GatherOnTouch:
             unit.release()
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    out, todo = [], [cls]
+def _all_subclasses(cls: type[torch.nn.Module]) -> list[type[torch.nn.Module]]:
+    out: list[type[torch.nn.Module]] = []
+    todo = [cls]
     while todo:
         for sub in todo.pop().__subclasses__():
             if sub not in out:
@@ -176,19 +177,21 @@ class Init:
         self._device_mode = torch.device(self.device) if self.device.type != "cpu" else None
         if self._device_mode is not None:
             self._device_mode.__enter__()
-        for cls in [torch.nn.Module, *_all_subclasses(torch.nn.Module)]:
+        classes: list[type[torch.nn.Module]] = [torch.nn.Module, *_all_subclasses(torch.nn.Module)]
+        for cls in classes:
             self._patch_class(cls)
         original_subclass_hook = torch.nn.Module.__dict__.get("__init_subclass__")
         ctx = self
 
-        def __init_subclass__(cls: type, **kwargs: Any) -> None:  # classes defined inside the block
+        def __init_subclass__(cls: type[torch.nn.Module], **kwargs: Any) -> None:  # classes defined inside the block
             super(torch.nn.Module, cls).__init_subclass__(**kwargs)
             ctx._patch_class(cls)
 
         self._patched.append((torch.nn.Module, "__init_subclass__", original_subclass_hook))
-        torch.nn.Module.__init_subclass__ = classmethod(__init_subclass__)
+        # Patched (and restored in __exit__) by name: these are torch's class attributes, replaced for the block.
+        setattr(torch.nn.Module, "__init_subclass__", classmethod(__init_subclass__))
         self._patched.append((torch.nn.Module, "apply", torch.nn.Module.__dict__["apply"]))
-        torch.nn.Module.apply = self._wrap_apply(torch.nn.Module.__dict__["apply"], self.manager)
+        setattr(torch.nn.Module, "apply", self._wrap_apply(torch.nn.Module.__dict__["apply"], self.manager))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -210,11 +213,11 @@ class Init:
         if cls is not torch.nn.Module and "__init__" in cls.__dict__:
             original = cls.__dict__["__init__"]
             self._patched.append((cls, "__init__", original))
-            cls.__init__ = self._wrap_init(original)
+            setattr(cls, "__init__", self._wrap_init(original))
         if "_init_weights" in cls.__dict__ and callable(cls.__dict__["_init_weights"]):
             original = cls.__dict__["_init_weights"]
             self._patched.append((cls, "_init_weights", original))
-            cls._init_weights = self._wrap_init_weights(original, self.manager)
+            setattr(cls, "_init_weights", self._wrap_init_weights(original, self.manager))
 
     def _wrap_init(self, original: Any) -> Any:
         ctx = self
@@ -250,7 +253,7 @@ class Init:
                 with _GatherOnTouch(manager):
                     return fn(m)
 
-            gathering._gathers_on_touch = True
+            setattr(gathering, "_gathers_on_touch", True)  # a mark on the function, read back with getattr
             return original(module, gathering)
 
         return apply
@@ -282,6 +285,30 @@ class Init:
                 unit.adopt()
 
 
+class OnDevice:
+    """DeepSpeed's `deepspeed.OnDevice`: modules built inside are created on `device` ("meta": shapes
+    only, no memory; fill them later, e.g. from a checkpoint) with floating-point tensors of `dtype`."""
+
+    def __init__(self, dtype: torch.dtype | None = None, device: str | torch.device = "meta", enabled: bool = True) -> None:
+        self.dtype, self.device, self.enabled = dtype, torch.device(device), enabled
+        self._saved_dtype: torch.dtype | None = None
+
+    def __enter__(self) -> "OnDevice":
+        if self.enabled:
+            self.device.__enter__()  # torch's default-device context
+            if self.dtype is not None:
+                self._saved_dtype = torch.get_default_dtype()
+                torch.set_default_dtype(self.dtype)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            if self._saved_dtype is not None:
+                torch.set_default_dtype(self._saved_dtype)
+                self._saved_dtype = None
+            self.device.__exit__(*exc)
+
+
 class GatheredParameters:
     """Whole parameters inside the block; with `modifier_rank`, that rank's changes are kept on exit.
 
@@ -289,7 +316,7 @@ class GatheredParameters:
     one parameter, any iterable of them, and on parameters that are not partitioned (a no-op).
     """
 
-    def __init__(self, params: torch.nn.Parameter | Iterable[torch.nn.Parameter], modifier_rank: int | None = None,
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
                  fwd_module: Any = None, enabled: bool = True) -> None:
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -330,4 +357,4 @@ def unregister_external_parameter(module: torch.nn.Module, parameter: torch.nn.P
     """Counterpart of `register_external_parameter`; nothing to undo."""
 
 
-__all__ = ["GatheredParameters", "Init", "ParameterNotGatheredError", "register_external_parameter", "unregister_external_parameter"]
+__all__ = ["GatheredParameters", "Init", "OnDevice", "ParameterNotGatheredError", "register_external_parameter", "unregister_external_parameter"]

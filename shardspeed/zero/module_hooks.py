@@ -31,11 +31,15 @@ def attach_hooks(listener: ModuleListener, memory_efficient_linear: bool) -> tup
     nn.Linear layers that have partitioned parameters. Returns (hook handles, patched linears)."""
     ref = weakref.ref(listener)
 
+    # Under torch.compile the hooks run eagerly, between compiled graphs: dynamo cannot trace their
+    # bookkeeping (and must not: gathering is a side effect), so it breaks the graph around them.
+    @torch._dynamo.disable
     def pre(module: torch.nn.Module, args: Any) -> None:
         found = ref()
         if found is not None:
             found.pre_forward(module)
 
+    @torch._dynamo.disable
     def post(module: torch.nn.Module, args: Any, output: Any) -> Any:
         found = ref()
         return found.post_forward(module, output) if found is not None else None

@@ -35,8 +35,8 @@ from .fetch_schedule import FetchSchedule
 from . import whole_weights
 from .gather import gather_in_batches, launch_gathers
 from .module_hooks import attach_hooks, detach_hooks, wrap_outputs
-from .param_shards import Unit, not_gathered_error
-from .unit_plan import FROZEN, Home, plan_units
+from .param_shards import ReleasedParameter, Unit, is_partitioned, not_gathered_error
+from .unit_plan import FROZEN, GroupKey, Home, plan_units
 
 
 class ParameterManager:
@@ -48,7 +48,7 @@ class ParameterManager:
 
     def __init__(self, module: torch.nn.Module, zero: ZeroConfig, data: AxisGroup, *,
                  group_of: dict[torch.nn.Parameter, int] | None = None,
-                 axis_of: Callable[[Hashable], AxisGroup] | None = None,
+                 axis_of: Callable[[GroupKey], AxisGroup] | None = None,
                  aio: AioConfig | None = None) -> None:
         self.module = module
         self.prefetch_elements = zero.prefetch_bucket_size
@@ -93,7 +93,7 @@ class ParameterManager:
         if not swapped:
             return
         assert self.offload_param is not None
-        regions = {i: (u.partition_size, u.dtype) for i, u in enumerate(swapped)}
+        regions: dict[Hashable, tuple[int, torch.dtype]] = {i: (u.partition_size, u.dtype) for i, u in enumerate(swapped)}
         self.param_swapper = ParamSwapper(regions, self.offload_param, aio, rank=dist.get_rank() if dist.is_initialized() else 0,
                                           pin=self.offload_param.pin_memory and swapped[0].compute_device.type == "cuda")
         for i, unit in enumerate(swapped):
@@ -178,6 +178,7 @@ class ParameterManager:
         if self._suspended:
             return
         self._begin_backward()
+        assert is_partitioned(param)  # stage 3 reduces only the parameters of its units
         unit = param.ds_unit
         unit.pending -= 1
         if unit.pending == 0 and not unit.persistent and unit.users == 0:
@@ -253,7 +254,7 @@ class ParameterManager:
     def _note_live(self) -> None:
         self.live_peak_bytes = max(self.live_peak_bytes, self._live_bytes)
 
-    def touched(self, param: torch.nn.Parameter) -> None:
+    def touched(self, param: ReleasedParameter) -> None:
         """A released parameter was used: inside a module's forward it becomes one of that module's
         (external) parameters and is gathered; anywhere else it is an error."""
         if not self._stack:
@@ -266,7 +267,7 @@ class ParameterManager:
             self.schedule.valid = False  # the module's event changed; re-record this step
         self._fetch([unit])
 
-    def touched_data(self, param: torch.nn.Parameter) -> None:
+    def touched_data(self, param: ReleasedParameter) -> None:
         """Reading `.data` of a released parameter gathers nothing: the reader sees an empty tensor."""
 
     def refresh_masters(self, unit: Unit) -> None:

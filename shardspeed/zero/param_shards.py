@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -44,10 +44,10 @@ def shard_numel(numel: int, world: int) -> int:
 class Manager(Protocol):
     """Who decides what happens when code touches a released parameter."""
 
-    def touched(self, param: torch.nn.Parameter) -> None:
+    def touched(self, param: ReleasedParameter) -> None:
         """Gather `param` now (inside a managed forward/backward) or raise ParameterNotGatheredError."""
 
-    def touched_data(self, param: torch.nn.Parameter) -> None:
+    def touched_data(self, param: ReleasedParameter) -> None:
         """`param.data` is being read while released: gather it where that is safe, or leave it (the
         reader then sees an empty tensor, as DeepSpeed's users do)."""
 
@@ -70,7 +70,19 @@ _METADATA_METHODS = frozenset({
 _DATA = torch._C.TensorBase.__dict__["data"]  # reading `.data` calls this descriptor's __get__
 
 
-class ReleasedParameter(torch.nn.Parameter):
+class PartitionedParameter(torch.nn.Parameter):
+    """A parameter ZeRO-3 partitions, as annotations see it: DeepSpeed's `ds_*` attributes, which
+    `Unit._attach` sets on the parameter itself. Never instantiated: a gathered parameter keeps its
+    own class (`is_partitioned` tells it apart), a released one is a ReleasedParameter."""
+
+    ds_unit: Unit
+    ds_slot: ShardSlot
+    ds_shape: torch.Size
+    ds_numel: int
+    ds_tensor: torch.Tensor  # this rank's shard (empty when the shards are on NVMe)
+
+
+class ReleasedParameter(PartitionedParameter):
     """The class a ZeRO-3 parameter has while its full data is not on this rank."""
 
     @classmethod
@@ -98,7 +110,7 @@ def _tensor_args(args: tuple, kwargs: dict) -> list[Any]:
     return found
 
 
-def not_gathered_error(param: torch.nn.Parameter) -> ParameterNotGatheredError:
+def not_gathered_error(param: ReleasedParameter) -> ParameterNotGatheredError:
     return ParameterNotGatheredError(
         f"parameter `{param.ds_slot.name}` (shape {tuple(param.ds_shape)}) is partitioned by ZeRO stage 3 and is not "
         "gathered here; wrap the code that reads or changes it in `with shardspeed.zero.GatheredParameters(params"
@@ -187,7 +199,7 @@ class Unit:
         with torch.no_grad():
             for p, slot in zip(self.params, self.slots):
                 mine = part[slot.offset:slot.offset + slot.shard]
-                if hasattr(p, "ds_unit"):
+                if is_partitioned(p):
                     mine.copy_(p.ds_tensor)
                 else:
                     mine.copy_(shard_of(p.data.reshape(-1), slot.shard, self.dp.rank))
@@ -196,13 +208,14 @@ class Unit:
         self.release(force=True)
 
     def _attach(self, p: torch.nn.Parameter, slot: ShardSlot) -> None:
-        p.ds_unit = self
-        p.ds_slot = slot
-        p.ds_shape = slot.shape
-        p.ds_numel = slot.numel
+        # Set by name: this is what turns a parameter of any class into a PartitionedParameter.
+        setattr(p, "ds_unit", self)
+        setattr(p, "ds_slot", slot)
+        setattr(p, "ds_shape", slot.shape)
+        setattr(p, "ds_numel", slot.numel)
         # DeepSpeed's name for this rank's shard; empty when the shards are on NVMe.
-        p.ds_tensor = (self.partition[slot.offset:slot.offset + slot.shard] if self.partition is not None
-                       else torch.empty(0, dtype=self.dtype))
+        setattr(p, "ds_tensor", self.partition[slot.offset:slot.offset + slot.shard] if self.partition is not None
+                else torch.empty(0, dtype=self.dtype))
 
     # ---- gather / release ----------------------------------------------------------------------
     @property
@@ -285,6 +298,7 @@ class Unit:
         if self.swapper is not None:
             self.swapper.write(self.key, values, self.dtype)
         elif values is not self.partition:
+            assert self.partition is not None  # without a swapper the shards are in memory
             with torch.no_grad():
                 self.partition.copy_(values.reshape(-1))
 
@@ -302,7 +316,7 @@ class Unit:
             dist.broadcast(self.full, src=self.dp.ranks[rank], group=self.dp.group)  # one collective for the unit
         self.absorb_full()
 
-    def load_whole(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    def load_whole(self, param: PartitionedParameter, value: torch.Tensor) -> None:
         """Set one parameter from its whole value (same on every rank): our shard, and the gathered copy."""
         slot = param.ds_slot
         with torch.no_grad():
@@ -319,10 +333,10 @@ class Unit:
 class _Orphaned:
     """The manager of units whose manager is gone."""
 
-    def touched(self, param: torch.nn.Parameter) -> None:
+    def touched(self, param: ReleasedParameter) -> None:
         raise not_gathered_error(param)
 
-    def touched_data(self, param: torch.nn.Parameter) -> None:
+    def touched_data(self, param: ReleasedParameter) -> None:
         pass
 
     def refresh_masters(self, unit: Unit) -> None:
@@ -346,5 +360,5 @@ def shard_of(flat: torch.Tensor, shard: int, rank: int) -> torch.Tensor:
     return out
 
 
-def is_partitioned(p: torch.Tensor) -> bool:
+def is_partitioned(p: torch.Tensor) -> TypeGuard[PartitionedParameter]:
     return hasattr(p, "ds_unit")

@@ -275,6 +275,7 @@ class PartitionedOptimizer:
             if self.offload is not None:
                 self.offload.load_group(g, full[start:end], state)
             elif state:
+                assert master is not None  # without offload every group has its fp32 master
                 self.optimizer.state[master] = {k: v.to(master.device) if torch.is_tensor(v) and v.dim() > 0 else v
                                                 for k, v in state.items()}
         restore_hyperparams(self.optimizer, universal.get("hyperparams"))

@@ -159,6 +159,7 @@ class GradientReducer:
         else:
             view = self._views[param]
             if param.grad is not view:
+                assert param.grad is not None  # a post-accumulate-grad hook runs once .grad is set
                 view.copy_(param.grad)  # someone replaced .grad (zero_grad(set_to_none=True)); fold it back in
                 param.grad = view
         bucket.arrived.add(param)
@@ -276,6 +277,12 @@ class GradientReducer:
                 bucket.buffer.zero_()
         for p, view in self._views.items():
             if p.grad is not view:
+                p.grad = view
+
+    def rebind(self) -> None:
+        """Point `.grad` back at the kept buffer wherever someone set it to None (values untouched)."""
+        for p, view in self._views.items():
+            if p.grad is None:
                 p.grad = view
 
     def kept_bytes(self) -> int:

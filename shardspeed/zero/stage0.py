@@ -90,11 +90,17 @@ class ReplicatedOptimizer:
 
     def _master_grads(self) -> dict[torch.nn.Parameter, torch.Tensor]:
         """The gradient each stepped tensor takes, by model parameter (an fp32 copy for 16-bit ones)."""
+        # `.grad` set to None outside the engine (module.zero_grad()) and not produced since: the
+        # bucket still holds that parameter's (all-reduced, zero) gradient, as DDP would give it.
+        self.reducer.rebind()
         if not self.masters:
             return {p: p.grad for p in self.params if p.grad is not None}
+        grads: dict[torch.nn.Parameter, torch.Tensor] = {}
         for param, master in self.masters.items():
-            master.grad = param.grad.float()
-        return {p: m.grad for p, m in self.masters.items()}
+            assert param.grad is not None, f"parameter `{self.names[param]}` has no gradient"  # rebound above
+            grads[param] = param.grad.float()
+            master.grad = grads[param]
+        return grads
 
     def _drop_master_grads(self) -> None:
         for master in self.masters.values():

@@ -4,9 +4,10 @@ Three parts, composed here:
 - the parameter manager (`param_manager`) partitions the parameters and gathers them around each
   module's use; it works on its own (no optimizer) for inference;
 - the gradient reducer (`reducer`) takes each gradient as it is produced, copies it into a bucket
-  laid out rank by rank, and reduce-scatters full buckets (at most `reduce_bucket_size`,
-  `stage3_prefetch_bucket_size` and `stage3_max_live_parameters` whole elements) into the owners'
-  gradient partitions; it tells the manager when a unit's gradients are all in;
+  laid out rank by rank, and reduce-scatters full buckets into the owners' gradient partitions
+  (the bucket being filled and the one being reduced hold at most `reduce_bucket_size`,
+  `stage3_prefetch_bucket_size` and `stage3_max_live_parameters` whole elements together, or two
+  units where a unit is bigger); it tells the manager when a unit's gradients are all in;
 - the optimizer step (this class) steps each param group's flat partition (an fp32 master copy for
   16-bit training, host or NVMe copies with offload), exactly as at stages 1-2, so any elementwise
   torch optimizer works unchanged; units kept gathered across the step take the new values.
@@ -76,6 +77,12 @@ class Stage3Optimizer:
                 group["params"] = [self.masters[i] for i in self.group_runs[g]]
 
     # ---- set-up ------------------------------------------------------------------------------
+    def _master(self, i: int) -> torch.nn.Parameter:
+        """Run i's fp32 master, stepped by the optimizer (every run has one unless the optimizer is offloaded)."""
+        master = self.masters[i]
+        assert master is not None, "with offload_optimizer the offloaded optimizer holds the masters"
+        return master
+
     def _param_flat(self, i: int) -> torch.Tensor:
         """Run i's parameter shards, end to end (a view of the manager's flat buffer)."""
         run = self.runs[i]
@@ -86,9 +93,14 @@ class Stage3Optimizer:
         return flat[start:start + sum(u.partition_size for u in run)]
 
     def _buckets(self, cap: int) -> list[Bucket]:
-        """Consecutive units of one run, back to front (backward's order), of at most `cap` whole
-        elements each (a bigger unit alone): one rank-major buffer, reduce-scattered into one slice
-        of the run's gradient partitions."""
+        """Consecutive units of one run, back to front (backward's order): one rank-major buffer per
+        bucket, reduce-scattered into one slice of the run's gradient partitions.
+
+        A bucket holds at most cap / 2 whole elements, so the one being filled and the one being
+        reduced stay within `cap` together; a bigger unit is a bucket of its own. The persistent unit
+        is always alone: its parameters (every layer's small ones) get gradients all through
+        backward, so its bucket is filled from the first layer's backward to the last.
+        """
         buckets = []
         for run, grads in zip(self.runs, self.grad_flats):
             offsets, at = [], 0
@@ -98,7 +110,8 @@ class Stage3Optimizer:
             end = len(run)
             while end > 0:
                 start, full = end - 1, run[end - 1].full_numel
-                while start > 0 and full + run[start - 1].full_numel <= cap:
+                while (start > 0 and not run[end - 1].persistent and not run[start - 1].persistent
+                       and full + run[start - 1].full_numel <= cap // 2):
                     start -= 1
                     full += run[start].full_numel
                 buckets.append(self._bucket(run[start:end], grads[offsets[start]:offsets[end - 1] + run[end - 1].partition_size]))
@@ -127,8 +140,9 @@ class Stage3Optimizer:
                 if run[0].swapper is None:
                     pieces.append((Segment(self.grad_flats[i], self._param_flat(i)), run))
                 else:
-                    pieces += [(Segment(u.grad_partition, None, load=u.load_partition, store=u.save_partition), [u])
-                               for u in run]
+                    for u in run:
+                        assert u.grad_partition is not None  # given to every trainable unit in __init__
+                        pieces.append((Segment(u.grad_partition, None, load=u.load_partition, store=u.save_partition), [u]))
             self.segment_units.append(pieces)
             out.append([seg for seg, _ in pieces])
         return out
@@ -156,14 +170,14 @@ class Stage3Optimizer:
             return result
         assert self.optimizer is not None
         order = [i for runs in self.group_runs for i in runs]
-        masters = [self.masters[i] for i in order]
+        masters = [self._master(i) for i in order]
         result = step_partitions(self.optimizer, masters, [self.grad_flats[i] for i in order], self._norm_pieces(),
                                  self.loss_scaler, self.check_overflow, max_norm)
         if not result.applied:
             return result
         with torch.no_grad():
-            for i in order:
-                part, master = self._param_flat(i), self.masters[i]
+            for i, master in zip(order, masters):
+                part = self._param_flat(i)
                 if part.dtype != torch.float32:
                     part.copy_(master)
         self.manager.refresh_gathered()

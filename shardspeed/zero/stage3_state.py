@@ -33,11 +33,11 @@ def _located(strategy: "Stage3Optimizer") -> dict[Unit, tuple[torch.Tensor, dict
                 at += unit.partition_size
         return out
     for g, pieces in enumerate(strategy.segment_units):
-        master, state = strategy.offload.group_master_and_state(g)
+        group_master, group_state = strategy.offload.group_master_and_state(g)
         at = 0
         for _, units in pieces:
             for unit in units:
-                out[unit] = (master, state, at)
+                out[unit] = (group_master, group_state, at)
                 at += unit.partition_size
     return out
 

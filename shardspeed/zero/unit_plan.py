@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Hashable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,12 +21,13 @@ from ..config.sections import OffloadParamConfig
 from .param_shards import Manager, Unit, is_partitioned, shard_numel
 
 FROZEN = "frozen"  # the group key of parameters that never get gradients
+GroupKey = int | str  # an optimizer param group's index, or FROZEN
 
 
 class Home(NamedTuple):
     """Which flat buffer a unit's shards live in."""
 
-    key: Hashable
+    key: GroupKey
     device: torch.device
     dtype: torch.dtype
 
@@ -39,18 +40,18 @@ class UnitPlan:
     # shards stay on the device while the others' go to host memory: two homes for one key)
     flat: dict[Home, torch.Tensor]
 
-    def of_key(self, key: Hashable) -> list[Unit]:
+    def of_key(self, key: GroupKey) -> list[Unit]:
         return [u for u in self.units if u.group_key == key]
 
 
-def plan_units(module: torch.nn.Module, group_of: dict[torch.nn.Parameter, int], axis_of: Callable[[Hashable], AxisGroup],
+def plan_units(module: torch.nn.Module, group_of: dict[torch.nn.Parameter, int], axis_of: Callable[[GroupKey], AxisGroup],
                manager: Manager, *, persistence_threshold: int, model_persistence_threshold: int,
                leaf_spec: dict[str, Any], granularity_threshold: int, offload: OffloadParamConfig | None,
                policy: CommPolicy | None = None) -> UnitPlan:
     """Units of `module`'s parameters. `group_of`: trainable parameters' optimizer group (others are frozen)."""
     names = {p: n for n, p in module.named_parameters()}
 
-    def key(p: torch.nn.Parameter) -> Hashable:
+    def key(p: torch.nn.Parameter) -> GroupKey:
         return group_of[p] if p in group_of and p.requires_grad else FROZEN
 
     leaves = leaf_modules(module, leaf_spec, granularity_threshold)
@@ -63,12 +64,12 @@ def plan_units(module: torch.nn.Module, group_of: dict[torch.nn.Parameter, int],
         return [p for p in found if p is not None]
 
     budget = model_persistence_threshold
-    persistent: dict[Hashable, list[torch.nn.Parameter]] = {}
-    per_module: list[dict[Hashable, list[torch.nn.Parameter]]] = []
+    persistent: dict[GroupKey, list[torch.nn.Parameter]] = {}
+    per_module: list[dict[GroupKey, list[torch.nn.Parameter]]] = []
     seen: set[torch.nn.Parameter] = set()
     # Units follow module registration order; a parameter belongs to the first module holding it.
     for mod in module.modules():
-        buckets: dict[Hashable, list[torch.nn.Parameter]] = {}
+        buckets: dict[GroupKey, list[torch.nn.Parameter]] = {}
         for p in own(mod):
             if p in seen:
                 continue
@@ -105,7 +106,7 @@ def _swapped(offload: OffloadParamConfig | None, persistent: bool) -> bool:
     return offload is not None and offload.device == "nvme" and not persistent
 
 
-def _flat_storage(groups: list[tuple[Hashable, list[torch.nn.Parameter], bool]], axis_of: Callable[[Hashable], AxisGroup],
+def _flat_storage(groups: list[tuple[GroupKey, list[torch.nn.Parameter], bool]], axis_of: Callable[[GroupKey], AxisGroup],
                   offload: OffloadParamConfig | None) -> dict[Home, torch.Tensor]:
     """Per home, one zeroed buffer for the shards of its resident units (swapped ones live on the drive)."""
     sizes: dict[Home, int] = {}
@@ -137,7 +138,7 @@ def _storage_device(p: torch.nn.Parameter, offload: OffloadParamConfig | None, p
     return torch.device("cpu") if offload is not None and not persistent else _compute_device(p)
 
 
-def _make_unit(params: list[torch.nn.Parameter], names: dict[torch.nn.Parameter, str], key: Hashable, axis: AxisGroup,
+def _make_unit(params: list[torch.nn.Parameter], names: dict[torch.nn.Parameter, str], key: GroupKey, axis: AxisGroup,
                manager: Manager, persistent: bool, offload: OffloadParamConfig | None, policy: CommPolicy | None,
                flat: dict[Home, torch.Tensor], where: Home, at: int) -> Unit:
     dtype = params[0].dtype
@@ -159,8 +160,9 @@ def leaf_modules(root: torch.nn.Module, spec: dict[str, Any], granularity_thresh
     """Modules fetched whole, with every submodule's parameters (DeepSpeed's "leaf modules").
 
     A module is a leaf when its class (name or dotted path) is in spec["classes"], its name is in
-    spec["names"] or ends with one of spec["name_suffixes"], or when its granularity (parameters in
-    its subtree per module in it) is below `stage3_module_granularity_threshold`. Mixture-of-experts
+    spec["names"] or ends with one of spec["name_suffixes"], it was marked by `set_z3_leaf_modules`,
+    or when its granularity (parameters in its subtree per module in it) is below
+    `stage3_module_granularity_threshold`. Mixture-of-experts
     blocks are leaves by default: only some experts run each step, which would otherwise change the
     recorded fetch order every step.
     """
@@ -174,7 +176,7 @@ def leaf_modules(root: torch.nn.Module, spec: dict[str, Any], granularity_thresh
             continue
         cls = type(mod)
         leaf = (cls.__name__ in classes or f"{cls.__module__}.{cls.__qualname__}" in classes
-                or name in names or bool(suffixes and name.endswith(suffixes)))
+                or name in names or bool(suffixes and name.endswith(suffixes)) or z3_leaf_module(mod))
         if not leaf and granularity_threshold > 0 and mod is not root:
             subtree = list(mod.modules())
             numel = sum(_numel(p) for p in mod.parameters())
@@ -183,3 +185,37 @@ def leaf_modules(root: torch.nn.Module, spec: dict[str, Any], granularity_thresh
             leaves.add(mod)
             covered.update(mod.modules())
     return leaves
+
+
+# ---- DeepSpeed's `deepspeed.utils` leaf-module marks ------------------------------------------------
+def _matches(module: torch.nn.Module, classes: list[Any]) -> bool:
+    cls = type(module)
+    return any(c is cls if isinstance(c, type) else c in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
+               for c in classes)
+
+
+def set_z3_leaf_modules(model: torch.nn.Module, leaf_module_classes: list[Any]) -> list[torch.nn.Module]:
+    """Mark every module of `model` whose class is in `leaf_module_classes` (classes or their names) as a
+    stage-3 leaf: fetched whole with its submodules. Returns the marked modules; none is an error."""
+    marked = [m for m in model.modules() if _matches(m, leaf_module_classes)]
+    if not marked:
+        raise ValueError(f"no module of {type(model).__name__} is of the leaf classes {leaf_module_classes}")
+    for module in marked:
+        module._z3_leaf = True  # type: ignore[assignment]  # DeepSpeed's attribute name
+    return marked
+
+
+def unset_z3_leaf_modules(model: torch.nn.Module, leaf_module_classes: list[Any]) -> list[torch.nn.Module]:
+    """Undo `set_z3_leaf_modules` for those classes; returns the modules unmarked."""
+    unmarked = [m for m in model.modules() if _matches(m, leaf_module_classes)]
+    for module in unmarked:
+        module._z3_leaf = False  # type: ignore[assignment]
+    return unmarked
+
+
+def z3_leaf_module(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, "_z3_leaf", False))
+
+
+def get_z3_leaf_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if z3_leaf_module(m)]

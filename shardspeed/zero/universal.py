@@ -13,6 +13,7 @@ which every strategy can load by keeping the pieces it owns. Elementwise optimiz
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,17 +33,18 @@ def shard_header(optimizer: torch.optim.Optimizer, loss_scaler: Any, fmt: str) -
     }
 
 
-def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    shards = [s for s in shards if s is not None]
-    if not shards:
+def merge_shards(shards: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    """One universal state from every rank's shard; None marks a rank that saved no optimizer state."""
+    saved = [s for s in shards if s is not None]
+    if not saved:
         raise ValueError("no optimizer state in the checkpoint")
-    if shards[0]["format"] == "replicated":
-        return shards[0]
-    if shards[0]["format"] == "param_shards":
-        return _merge_param_shards(shards)
-    merged: dict[str, Any] = {"params": {}, "hyperparams": shards[0]["hyperparams"], "loss_scaler": shards[0]["loss_scaler"]}
-    for g, group in enumerate(shards[0]["groups"]):
-        parts = sorted((s["groups"][g] for s in shards), key=lambda part: part["partition"][0])
+    if saved[0]["format"] == "replicated":
+        return saved[0]
+    if saved[0]["format"] == "param_shards":
+        return _merge_param_shards(saved)
+    merged: dict[str, Any] = {"params": {}, "hyperparams": saved[0]["hyperparams"], "loss_scaler": saved[0]["loss_scaler"]}
+    for g, group in enumerate(saved[0]["groups"]):
+        parts = sorted((s["groups"][g] for s in saved), key=lambda part: part["partition"][0])
         master = torch.cat([p["master"].float() for p in parts])
         states = {}
         for key, value in group["state"].items():

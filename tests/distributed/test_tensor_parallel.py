@@ -333,10 +333,27 @@ def _checkpoint(save_dir: str) -> dict[str, Any]:
     return out
 
 
+def _untouched_after_error(config: dict[str, Any]) -> str:
+    """The error initialize raises for `config` on a GPT-2, and whether AutoTP had sharded the model by then."""
+    model = _hf_model("gpt2")
+    try:
+        shardspeed.initialize(model=model, config=config)
+    except Exception as e:  # noqa: BLE001 - the message is what is checked
+        sharded = type(model.transformer.h[0].attn.c_attn).__name__ != "Conv1D"
+        return f"{type(e).__name__}: {e} | sharded={sharded}"
+    return "no error"
+
+
 def _errors() -> dict[str, str]:
     """Each misconfiguration fails at initialize with a message naming what to change (world 2)."""
+    typo = _config(1, 1, tp=2)
+    typo["zero_optimization"]["stage3_prefetch_bucket_sise"] = 100
     cases = {
+        "typo_before_sharding": lambda: _untouched_after_error(typo),
+        "stage3_before_sharding": lambda: _untouched_after_error(_config(3, 1, tp=2)),
         "size_not_dividing_world": lambda: shardspeed.initialize(model=_hf_model("gpt2"), config=_config(1, 1, tp=3)),
+        "tp_size_spelling": lambda: shardspeed.initialize(model=_hf_model("gpt2"), config={
+            **_config(1, 1), "tensor_parallel": {"tp_size": 3}}),
         "stage3": lambda: shardspeed.initialize(model=_hf_model("gpt2"), config=_config(3, 1, tp=2)),
         "mpu_disagrees": lambda: shardspeed.initialize(model=_hf_model("gpt2"), mpu=_MegatronMPU(1), config=_config(1, 1, tp=2)),
         "unsupported_model": lambda: shardspeed.initialize(model=nn.Sequential(nn.Linear(4, 4)), config=_config(1, 1, tp=2)),
@@ -345,11 +362,11 @@ def _errors() -> dict[str, str]:
     out = {}
     for name, make in cases.items():
         try:
-            make()
+            result = make()
         except Exception as e:  # noqa: BLE001 - the message is what is checked
             out[name] = f"{type(e).__name__}: {e}"
         else:
-            out[name] = "no error"
+            out[name] = result if isinstance(result, str) else "no error"
     return out
 
 
@@ -485,9 +502,14 @@ def test_checkpoint_resumes_bitwise_and_16bit_save_loads_unsharded(runs: Scenari
 def test_misconfigurations_name_the_problem(runs: ScenarioRuns) -> None:
     errors = runs(2, "errors")[0]
     assert "tensor_parallel.autotp_size" in errors["size_not_dividing_world"] and "world size 2" in errors["size_not_dividing_world"]
+    assert "`tensor_parallel.tp_size` 3" in errors["tp_size_spelling"]  # the key the user wrote, not its alias
     assert "zero_optimization.stage" in errors["stage3"]
     assert "mpu's tensor-parallel group has 1 ranks" in errors["mpu_disagrees"] and "autotp_size" in errors["mpu_disagrees"]
     assert "gpt2, llama" in errors["unsupported_model"]
+    # The config is checked whole before AutoTP touches the model.
+    typo = errors["typo_before_sharding"]
+    assert "zero_optimization.stage3_prefetch_bucket_sise" in typo and "did you mean" in typo and "sharded=False" in typo
+    assert "zero_optimization.stage" in errors["stage3_before_sharding"] and "sharded=False" in errors["stage3_before_sharding"]
     assert "number of attention heads" in errors["heads_not_dividing"] and "(3)" in errors["heads_not_dividing"]
 
 

@@ -337,12 +337,61 @@ def _hooks(model: nn.Module) -> int:
     return modules + params
 
 
+# ---- stage 3 under torch.compile (guide §13.2) ----------------------------------------------------------------
+def _compiled() -> dict:
+    """The same stage-3 training with the model passed through torch.compile and without."""
+    losses: dict[str, list[float]] = {}
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(dist.get_rank()))
+    cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    for label in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = Deep()
+        net = torch.compile(model) if label == "compiled" else model
+        engine, *_ = shardspeed.initialize(model=net, model_parameters=model.parameters(), config=cfg)
+        losses[label] = []
+        for _ in range(3):
+            loss = engine(x)
+            engine.backward(loss)
+            engine.step()
+            losses[label].append(loss.item())
+        engine.destroy()
+    return losses
+
+
+# ---- gradients set to None outside the engine ------------------------------------------------------------------
+def _grad_set_to_none() -> dict:
+    """`module.zero_grad()` (set_to_none) between steps, then a backward that skips a layer: the engine
+    still steps that layer, with a zero gradient (weight decay only), in fp32 and bf16 alike."""
+    from tests.models import TinyNet
+
+    moved = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = TinyNet(unused=True)
+        before = model.unused.weight.detach().float().clone()
+        cfg = {"train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 0.0,
+               "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}}}
+        engine, *_ = shardspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        for _ in range(2):
+            engine.module.zero_grad()  # torch's default: set_to_none=True
+            x, y = torch.randn(2, 16), torch.randint(0, 4, (2,))
+            engine.backward(engine(x.to(next(model.parameters()).dtype), y))
+            engine.step()
+        moved[precision] = (model.unused.weight.detach().float() / before).mean().item()
+        engine.destroy()
+    return moved
+
+
 # ---- the job ------------------------------------------------------------------------------------------------
 def _scenarios(tmp: str) -> dict[str, Callable[[], Any]]:
     out: dict[str, Callable[[], Any]] = {
         "manager": _manager_alone,
         "step_collectives": _training_step_collectives,
         "groups": _groups_made_once,
+        "compiled": _compiled,
+        "grad_none": _grad_set_to_none,
     }
     for stage in (0, 1, 2, 3):
         out[f"per_group-s{stage}"] = lambda s=stage: _per_group_reduction(s)
@@ -354,8 +403,9 @@ def _scenarios(tmp: str) -> dict[str, Callable[[], Any]]:
 
 
 PER_WORLD = {
-    1: ["manager", "dropped-s2", "dropped-s3"],
-    2: ["manager", "step_collectives", "groups", "init-loop", "init-nanogpt", "init-data", "dropped-s2", "dropped-s3"],
+    1: ["manager", "dropped-s2", "dropped-s3", "grad_none"],
+    2: ["manager", "step_collectives", "groups", "init-loop", "init-nanogpt", "init-data", "dropped-s2", "dropped-s3",
+        "compiled"],
     4: ["per_group-s0", "per_group-s1", "per_group-s2", "per_group-s3"],
 }
 
@@ -431,3 +481,21 @@ def test_dropped_engine_is_freed_and_leaves_no_swap_files(runs: ScenarioRuns, wo
         assert r["collected"], "the engine's strategy outlived the engine (something still refers to it)"
         assert r["hooks_left"] == 0
         assert r["hooks_while_alive"] > 0 and r["hooks_after_destroy"] == 0
+
+
+@pytest.mark.timeout(DEADLINE + 60)
+def test_stage3_trains_a_compiled_model_as_it_trains_the_model(runs: ScenarioRuns) -> None:
+    """Catches dynamo tracing into the gather hooks (it crashed there) or a compiled step that differs."""
+    for r in runs(2, "compiled"):
+        assert r["compiled"] == pytest.approx(r["eager"], rel=1e-5), r
+        assert r["eager"][-1] < r["eager"][0]
+
+
+@pytest.mark.timeout(DEADLINE + 60)
+def test_a_gradient_set_to_none_outside_the_engine_steps_as_zero_in_every_precision(runs: ScenarioRuns) -> None:
+    """Catches stage 0 with bf16 crashing on (or fp32 silently skipping) a parameter whose .grad a
+    module.zero_grad() set to None and the next backward did not produce."""
+    (r,) = runs(1, "grad_none")
+    decayed = (1 - 0.1 * 0.5) ** 2  # two AdamW steps of pure weight decay
+    assert r["fp32"] == pytest.approx(decayed, rel=1e-6)
+    assert r["bf16"] == pytest.approx(decayed, rel=1e-2)  # bf16 weights: 8 bits of mantissa

@@ -19,11 +19,12 @@ LAYER = {
     "comm": 2,
     "optim": 3,
     "offload": 4,
-    "zero": 5, "tensor_parallel": 5, "checkpointing": 5,
+    "zero": 5, "tensor_parallel": 5, "checkpointing": 5, "moe": 5, "profiling": 5,
     "runtime": 6,
-    "pipe": 7,
+    "pipe": 7, "inference": 7,
     "checkpoint": 8, "ops": 8, "launcher": 8,
-    "(root)": 9,
+    "utils": 9,  # DeepSpeed's `deepspeed.utils` namespace: re-exports from anywhere, imported by nothing inside
+    "(root)": 10,
 }
 
 

@@ -1,0 +1,1 @@
+"""Profiling (DeepSpeed's `deepspeed.profiling`): the FLOPs profiler is not built yet."""

@@ -1,0 +1,1 @@
+"""DeepSpeed's `deepspeed.runtime.fp16` path."""

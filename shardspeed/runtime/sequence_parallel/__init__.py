@@ -1,0 +1,1 @@
+"""DeepSpeed's `deepspeed.runtime.sequence_parallel` path: sequence parallelism is not built yet."""
