@@ -109,10 +109,13 @@ class GradientReducer:
             for m in bucket.members:
                 self._member[m.param] = m
                 self._bucket_of[m.param] = bucket
-        staged = [b.numel for b in buckets if b.staged]
-        self._staging_numel = max(staged, default=0)
-        self._staging_dtype = next((b.members[0].param.dtype for b in buckets if b.staged), torch.float32)
-        self._free_staging: list[torch.Tensor] = []
+        # Staging buffers are pooled per gradient dtype, each the size of that dtype's largest bucket.
+        self._staging_numel: dict[torch.dtype, int] = {}
+        for b in buckets:
+            if b.staged:
+                dtype = b.members[0].param.dtype
+                self._staging_numel[dtype] = max(self._staging_numel.get(dtype, 0), b.numel)
+        self._free_staging: dict[torch.dtype, list[torch.Tensor]] = {d: [] for d in self._staging_numel}
         self.staging_peak_bytes = 0
         self._staging_live = 0
         self._in_flight: deque[Bucket] = deque()
@@ -197,9 +200,13 @@ class GradientReducer:
 
     def _staging(self, bucket: Bucket) -> torch.Tensor:
         if bucket.staging is None:
-            device = bucket.members[0].param.device
-            pooled = self._free_staging.pop() if self._free_staging else torch.empty(
-                self._staging_numel, dtype=self._staging_dtype, device=device)
+            first = bucket.members[0].param
+            size = self._staging_numel[first.dtype]
+            free = self._free_staging[first.dtype]
+            if 2 * bucket.numel < size:  # a small bucket (stage 3's persistent unit) takes its own, not a pool buffer
+                pooled = torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
+            else:
+                pooled = free.pop() if free else torch.empty(size, dtype=first.dtype, device=first.device)
             self._staging_live += pooled.numel() * pooled.element_size()
             self.staging_peak_bytes = max(self.staging_peak_bytes, self._staging_live)
             bucket.pooled, bucket.staging = pooled, pooled[:bucket.numel]
@@ -243,7 +250,8 @@ class GradientReducer:
             elif value.data_ptr() != bucket.dest.data_ptr() or value.dtype != bucket.dest.dtype:
                 bucket.dest.copy_(value)  # stage 1: unless the all-reduce already left it in place
         if bucket.pooled is not None:
-            self._free_staging.append(bucket.pooled)
+            if bucket.pooled.numel() == self._staging_numel[bucket.pooled.dtype]:
+                self._free_staging[bucket.pooled.dtype].append(bucket.pooled)
             self._staging_live -= bucket.pooled.numel() * bucket.pooled.element_size()
             bucket.pooled, bucket.staging = None, None
         bucket.sent, bucket.reduction = None, None
@@ -262,7 +270,8 @@ class GradientReducer:
         self.wait()
         self._reset()
         if not self.keep_staging:
-            self._free_staging.clear()
+            for free in self._free_staging.values():
+                free.clear()
 
     def wait(self) -> None:
         while self._in_flight:
@@ -291,7 +300,7 @@ class GradientReducer:
 
     def staging_bytes(self) -> int:
         """Bytes of staging buffers held in the pool now."""
-        return sum(t.numel() * t.element_size() for t in self._free_staging)
+        return sum(t.numel() * t.element_size() for free in self._free_staging.values() for t in free)
 
     def remove(self) -> None:
         self._detach()

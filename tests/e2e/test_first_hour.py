@@ -59,7 +59,12 @@ def test_a_second_run_resumes_and_keeps_training_and_configs_keep_their_own_chec
     """Catches a resumed run whose LR schedule has already ended (it then trains at the schedule's floor
     and the loss stalls), a progress count restarting at 0, and one config resuming another's checkpoint."""
     first = _example(tmp_path, "stage0_fp32.json", 100)  # the config's WarmupCosineLR spans 100 steps
-    assert (tmp_path / "checkpoints/stage0_fp32/latest").read_text() == "global_step100"
+    saved = tmp_path / "checkpoints/stage0_fp32"
+    assert (saved / "latest").read_text() == "global_step100"
+    # DeepSpeed users run the zero_to_fp32.py each checkpoint folder carries.
+    proc = subprocess.run([sys.executable, "zero_to_fp32.py", ".", "fp32.bin"], cwd=saved, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "wrote fp32.bin" in proc.stdout, proc.stderr[-2000:]
     second = _example(tmp_path, "stage0_fp32.json", 40)
     resumed = re.search(r"resumed from \S+global_step100 at step 100 \(lr ([\d.e+-]+)\); training to step 140; "
                         r"LR schedule stretched from 100 to 140 steps", second)

@@ -430,3 +430,18 @@ def test_environment_warnings() -> None:
     assert report.environment_warnings({"gloo": True, "nccl": True}, True, 2**30) == []
     found = report.environment_warnings({"gloo": True, "nccl": False}, True, 64 * 2**20)
     assert any("NCCL is not" in w for w in found) and any("/dev/shm is 64 MB" in w for w in found)
+
+
+def test_wording_a_new_user_meets(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches messages that misstate what shardspeed does: a bare `shardspeed` demanding `user_args`,
+    the report calling fp16 unavailable on CPU, zero-to-fp32 claiming ZeRO 0-2 only."""
+    with pytest.raises(SystemExit):
+        cli.main([])
+    err = capsys.readouterr().err
+    assert "give the training script to run" in err and "user_args" not in err and "report" in err
+    assert not any("fp16 and GPU-only paths are skipped" in w for w in report.environment_warnings({"gloo": True}, False, 2**30))
+    assert any("fp16 and bf16 train there too" in w for w in report.environment_warnings({"gloo": True}, False, 2**30))
+    from shardspeed.checkpoint.zero_to_fp32 import build_parser
+
+    help_text = build_parser().format_help()
+    assert "ZeRO stage 0-3" in help_text and "ZeRO 0-2" not in help_text
