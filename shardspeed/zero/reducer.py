@@ -73,8 +73,7 @@ class Bucket:
     pending: int = 0
     launched: bool = False
     arrived: set[torch.nn.Parameter] = field(default_factory=set)
-    staging: torch.Tensor | None = None  # the first `numel` elements of `pooled`
-    pooled: torch.Tensor | None = None
+    staging: torch.Tensor | None = None  # the staging buffer, while the bucket fills and reduces
     sent: torch.Tensor | None = None
     reduction: Reduction | None = None
 
@@ -109,13 +108,9 @@ class GradientReducer:
             for m in bucket.members:
                 self._member[m.param] = m
                 self._bucket_of[m.param] = bucket
-        # Staging buffers are pooled per gradient dtype, each the size of that dtype's largest bucket.
-        self._staging_numel: dict[torch.dtype, int] = {}
-        for b in buckets:
-            if b.staged:
-                dtype = b.members[0].param.dtype
-                self._staging_numel[dtype] = max(self._staging_numel.get(dtype, 0), b.numel)
-        self._free_staging: dict[torch.dtype, list[torch.Tensor]] = {d: [] for d in self._staging_numel}
+        # Staging buffers are pooled by (dtype, elements): each bucket takes one of exactly its size,
+        # so a small bucket never holds a big buffer (stage 3's persistent unit fills all through backward).
+        self._free_staging: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
         self.staging_peak_bytes = 0
         self._staging_live = 0
         self._in_flight: deque[Bucket] = deque()
@@ -201,15 +196,10 @@ class GradientReducer:
     def _staging(self, bucket: Bucket) -> torch.Tensor:
         if bucket.staging is None:
             first = bucket.members[0].param
-            size = self._staging_numel[first.dtype]
-            free = self._free_staging[first.dtype]
-            if 2 * bucket.numel < size:  # a small bucket (stage 3's persistent unit) takes its own, not a pool buffer
-                pooled = torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
-            else:
-                pooled = free.pop() if free else torch.empty(size, dtype=first.dtype, device=first.device)
-            self._staging_live += pooled.numel() * pooled.element_size()
+            free = self._free_staging.setdefault((first.dtype, bucket.numel), [])
+            bucket.staging = free.pop() if free else torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
+            self._staging_live += bucket.staging.numel() * bucket.staging.element_size()
             self.staging_peak_bytes = max(self.staging_peak_bytes, self._staging_live)
-            bucket.pooled, bucket.staging = pooled, pooled[:bucket.numel]
             for lo, hi in bucket.padding:
                 bucket.staging[lo:hi].zero_()
         return bucket.staging
@@ -249,11 +239,10 @@ class GradientReducer:
                 bucket.dest.add_(value.to(device=bucket.dest.device, dtype=bucket.dest.dtype))
             elif value.data_ptr() != bucket.dest.data_ptr() or value.dtype != bucket.dest.dtype:
                 bucket.dest.copy_(value)  # stage 1: unless the all-reduce already left it in place
-        if bucket.pooled is not None:
-            if bucket.pooled.numel() == self._staging_numel[bucket.pooled.dtype]:
-                self._free_staging[bucket.pooled.dtype].append(bucket.pooled)
-            self._staging_live -= bucket.pooled.numel() * bucket.pooled.element_size()
-            bucket.pooled, bucket.staging = None, None
+        if bucket.staging is not None:
+            self._free_staging[(bucket.staging.dtype, bucket.staging.numel())].append(bucket.staging)
+            self._staging_live -= bucket.staging.numel() * bucket.staging.element_size()
+            bucket.staging = None
         bucket.sent, bucket.reduction = None, None
 
     def _on_backward_end(self) -> None:
