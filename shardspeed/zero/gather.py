@@ -132,13 +132,30 @@ def _own_regions(unit: Unit) -> _Regions:
 
 
 
+# Consecutive units are gathered (and their gradients reduced) together until a batch holds about this
+# many elements. Below it a collective's fixed cost dominates (gloo here, world 2: 0.5-1 ms for up to
+# 128k fp32 elements, 3.5 ms for 1M); above it, separate collectives let compute on the first units
+# overlap the gathering of the next ones, which one model-sized collective would not.
+BATCH_ELEMENTS = 1 << 20
+
+
 def launch_gathers(units: list[Unit]) -> None:
-    """Start gathering `units`: one collective per run of units that share a group, dtype and device."""
+    """Start gathering `units`: consecutive units that share a group, dtype and device go in batches of
+    about BATCH_ELEMENTS (a bigger unit alone), one collective each."""
     runs: dict[tuple[int, torch.dtype, torch.device], list[Unit]] = {}
     for unit in units:
         runs.setdefault((id(unit.dp.group), unit.dtype, unit.compute_device), []).append(unit)
     for run in runs.values():
-        GatherBatch.launch(run)
+        batch: list[Unit] = []
+        size = 0
+        for unit in run:
+            batch.append(unit)
+            size += unit.full_numel
+            if size >= BATCH_ELEMENTS:
+                GatherBatch.launch(batch)
+                batch, size = [], 0
+        if batch:
+            GatherBatch.launch(batch)
 
 
 def gather_in_batches(units: list[Unit], bucket_elements: int) -> None:
@@ -160,4 +177,4 @@ def gather_in_batches(units: list[Unit], bucket_elements: int) -> None:
     launch_gathers(batch)
     for unit in units:
         unit.finish_gather()
-__all__ = ["GatherBatch", "gather_in_batches", "launch_gathers"]
+__all__ = ["BATCH_ELEMENTS", "GatherBatch", "gather_in_batches", "launch_gathers"]

@@ -23,6 +23,7 @@ from ..config.sections import AioConfig, ZeroConfig
 from ..offload.optimizer_offload import OffloadedOptimizer, Segment
 from ..optim.precision import Precision
 from .base import NormPiece, ParamGroupComm, StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
+from .gather import BATCH_ELEMENTS
 from .param_manager import ParameterManager
 from .param_shards import ParameterNotGatheredError, Unit, shard_of
 from .reducer import Bucket, GradientReducer, Member, ReduceOptions
@@ -96,11 +97,13 @@ class Stage3Optimizer:
         """Consecutive units of one run, back to front (backward's order): one rank-major buffer per
         bucket, reduce-scattered into one slice of the run's gradient partitions.
 
-        A bucket holds at most cap / 2 whole elements, so the one being filled and the one being
-        reduced stay within `cap` together; a bigger unit is a bucket of its own. The persistent unit
-        is always alone: its parameters (every layer's small ones) get gradients all through
-        backward, so its bucket is filled from the first layer's backward to the last.
+        Units join a bucket until it holds about BATCH_ELEMENTS whole elements (as gathers batch
+        them), and never more than cap / 2, so the one being filled and the one being reduced stay
+        within `cap` together; a bigger unit is a bucket of its own. The persistent unit is always
+        alone: its parameters (every layer's small ones) get gradients all through backward, so its
+        bucket is filled from the first layer's backward to the last.
         """
+        limit = min(cap // 2, BATCH_ELEMENTS)
         buckets = []
         for run, grads in zip(self.runs, self.grad_flats):
             offsets, at = [], 0
@@ -111,7 +114,7 @@ class Stage3Optimizer:
             while end > 0:
                 start, full = end - 1, run[end - 1].full_numel
                 while (start > 0 and not run[end - 1].persistent and not run[start - 1].persistent
-                       and full + run[start - 1].full_numel <= cap // 2):
+                       and full < limit and full + run[start - 1].full_numel <= cap // 2):
                     start -= 1
                     full += run[start].full_numel
                 buckets.append(self._bucket(run[start:end], grads[offsets[start]:offsets[end - 1] + run[end - 1].partition_size]))
