@@ -81,7 +81,8 @@ def initialize(
         dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
                                           collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
     engine_class: type[ShardspeedEngine] = PipelineEngine if pipeline else ShardspeedEngine  # Pipeline: model is a PipelineModule
-    engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader)
+    engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader,
+                          parsed.raw)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
 
@@ -268,7 +269,10 @@ def _make_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer | None, 
         return lr_scheduler
     if cfg.scheduler is not None:
         if optimizer is None:
-            raise ConfigError("the config has a `scheduler` section but there is no optimizer to schedule")
+            # As DeepSpeed: no optimizer (an evaluation-only engine, e.g. the Trainer's evaluate()
+            # before train() at ZeRO-3) means no schedule, whatever the config says.
+            logger.info("the config's `scheduler` section is not used: this engine has no optimizer")
+            return None
         return build_lr_scheduler(cfg.scheduler.type, cfg.scheduler.params, optimizer)
     return None
 

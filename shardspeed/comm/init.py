@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal, Mapping
@@ -82,6 +83,24 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _tell_accelerate_the_cpu_backend() -> None:
+    """Let Hugging Face accelerate (1.x) count the processes of a DeepSpeed run on a CPU-only host.
+
+    With DeepSpeed on (`ACCELERATE_USE_DEEPSPEED`), accelerate's PartialState asks the device for a
+    backend, finds none on a CPU host (its CPU path, `use_cpu`, switches DeepSpeed off), calls this
+    function with `dist_backend=None`, and afterwards, still seeing no backend, declares a world of
+    one on every rank. Its state is one dict shared by every PartialState (`_shared_state`): naming
+    gloo there, while it waits for this call, makes it read the world size from torch.distributed as
+    it does on GPUs. Nothing changes outside that exact situation.
+    """
+    state_module = sys.modules.get("accelerate.state")
+    if state_module is None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    shared = getattr(getattr(state_module, "PartialState", None), "_shared_state", None)
+    if isinstance(shared, dict) and shared.get("backend") is None and "LOCAL_RANK" in os.environ:
+        shared["backend"] = "gloo"
+
+
 def init_distributed(
     dist_backend: str | None = None,
     auto_mpi_discovery: bool = True,
@@ -103,6 +122,8 @@ def init_distributed(
         return
     if dist_init_required is False:
         return
+    if dist_backend is None and not torch.cuda.is_available():
+        _tell_accelerate_the_cpu_backend()
     launch = detect_launch_env(default_port=distributed_port)
     if not auto_mpi_discovery and launch.launcher == "openmpi":
         launch = LaunchEnv("none", 0, 1, 0, "127.0.0.1", distributed_port)

@@ -191,16 +191,18 @@ class ParsedConfig:
 
     cfg: ShardspeedConfig
     autos: frozenset[str]
+    raw: dict[str, Any]  # the config as the user wrote it (what DeepSpeed's `engine.config` returns)
 
 
 def parse_strict(config: dict[str, Any] | str | os.PathLike[str]) -> ParsedConfig:
     """Read and validate a ds_config: unknown keys, bad values and unsupported sections fail here,
     before anything touches the model or the processes."""
     raw = read_config(config)
+    as_written = copy.deepcopy(raw)
     autos = lift_autos(raw)
     cfg = parse_config(raw)
     check_unimplemented(cfg)
-    return ParsedConfig(cfg, frozenset(autos))
+    return ParsedConfig(cfg, frozenset(autos), as_written)
 
 
 def complete_config(parsed: ParsedConfig, ctx: ResolveContext | None = None) -> ShardspeedConfig:

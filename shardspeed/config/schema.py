@@ -1,9 +1,10 @@
 """The whole ds_config as one typed model, and the DeepSpeed-named accessors read from it."""
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import BeforeValidator, Field, PrivateAttr
 
 from .base import Int, StrictModel
 from .sections import (
@@ -50,6 +51,11 @@ UNIMPLEMENTED_SECTIONS: tuple[str, ...] = (
     "weight_quantization",
 )
 
+def _never_if_infinite(value: Any) -> Any:
+    """accelerate's DeepSpeedPlugin writes `steps_per_print: inf` to mean "never"."""
+    return None if isinstance(value, float) and math.isinf(value) and value > 0 else value
+
+
 CommDType = Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]
 
 
@@ -60,7 +66,8 @@ class ShardspeedConfig(StrictModel):
     train_micro_batch_size_per_gpu: Int | None = Field(default=None, description="Samples per rank per forward.")
     gradient_accumulation_steps: Int | None = Field(default=None, description="Micro steps per optimizer step.")
     managed_gradient_accumulation: bool = Field(default=True, description="False: every step() is a boundary.")
-    steps_per_print: Int | None = Field(default=None, description="Log loss and lr every N optimizer steps (None: never).")
+    steps_per_print: Annotated[Int | None, BeforeValidator(_never_if_infinite)] = Field(
+        default=None, description="Log loss and lr every N optimizer steps (None, or inf as accelerate writes it: never).")
     wall_clock_breakdown: bool = Field(default=False, description="Time forward, backward, reduction and step.")
     memory_breakdown: bool = Field(default=False, description="Report bytes held for parameters, gradients and optimizer states.")
     dump_state: bool = Field(default=False, description="Print the parsed config at start-up.")

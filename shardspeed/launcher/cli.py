@@ -33,6 +33,7 @@ LOCAL_MASTER_ADDR = "127.0.0.1"
 SUBCOMMANDS: dict[str, str] = {
     "report": "shardspeed.launcher.report:main",
     "zero-to-fp32": "shardspeed.checkpoint.zero_to_fp32:main",
+    "install-deepspeed-alias": "shardspeed.launcher.alias:main",
 }
 """`shardspeed NAME args...` -> the `main(argv) -> int` at "module:function" (imported on use).
 Register a new subcommand here, e.g. "zero-to-fp32": "shardspeed.checkpoint.zero_to_fp32:main"."""

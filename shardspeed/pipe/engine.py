@@ -70,11 +70,12 @@ class PipelineEngine(ShardspeedEngine):
 
     def __init__(self, module: PipelineModule, config: ShardspeedConfig, topology: Topology,
                  optimizer: torch.optim.Optimizer | None, lr_scheduler: Any, loss_scaler: LossScaler,
-                 training_dataloader: Any = None) -> None:
+                 training_dataloader: Any = None, config_as_written: dict[str, Any] | None = None) -> None:
         if not isinstance(module, PipelineModule):
             raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(module).__name__}")
         _check_config(config, module)
-        super().__init__(module, config, topology, optimizer, lr_scheduler, loss_scaler, training_dataloader)
+        super().__init__(module, config, topology, optimizer, lr_scheduler, loss_scaler, training_dataloader,
+                         config_as_written)
         self.stage_id, self.num_stages = module.stage_id, module.num_stages
         self.micro_batches = self.gradient_accumulation_steps()
         self.pipe = topology.axis("pipe")
@@ -160,7 +161,7 @@ class PipelineEngine(ShardspeedEngine):
         self._reduce_data_parallel()
         loss = self._broadcast_loss(self._mean_over_data_parallel(run.results) if self.is_last_stage() else None)
         self.timers(STEP).start()
-        result = self.strategy.step(self.config.gradient_clipping)  # clipped on the whole pipeline's norm (NormScope)
+        result = self.strategy.step(self._config.gradient_clipping)  # clipped on the whole pipeline's norm (NormScope)
         self.strategy.zero_grad()
         self.timers(STEP).stop()
         self.micro_steps += self.micro_batches
@@ -263,7 +264,7 @@ class PipelineEngine(ShardspeedEngine):
 
     def _first_stage_inputs(self, batch: Any) -> Activation:
         inputs = _to_device(batch[0], self.device)
-        if self.config.fp16.enabled and self.config.fp16.auto_cast:
+        if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs) if isinstance(inputs, tuple) else (
                 inputs.half() if inputs.is_floating_point() else inputs)
         return inputs

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..accelerator import get_accelerator
 from ..comm.topology import Axis, Topology
 from ..config.schema import ShardspeedConfig
+from ..config.unbuilt import NotBuiltError
 from ..monitor import MonitorMaster, WallClockTimers
 from ..offload.optimizer_offload import TIMER_NAMES as OFFLOAD_TIMERS
 from ..optim.loss_scaler import LossScaler
@@ -50,10 +51,13 @@ class ShardspeedEngine(torch.nn.Module):
         lr_scheduler: Any,
         loss_scaler: LossScaler,
         training_dataloader: Any = None,
+        config_as_written: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.module = module
-        self.config = config
+        self._config = config  # typed; `config` is the dict the user wrote, as DeepSpeed's engine.config is
+        self._config_as_written = config_as_written
+        self._compiled = False  # engine.compile() was called
         self.topology = topology
         self.accelerator = get_accelerator()
         self.lr_scheduler = lr_scheduler
@@ -90,33 +94,57 @@ class ShardspeedEngine(torch.nn.Module):
         return {p for p in self.module.parameters() if not is_tensor_parallel(p)}
 
     # ---- DeepSpeed-named accessors, read from the typed config ------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The ds_config as the user wrote it (DeepSpeed's `engine.config`, which Hugging Face's Trainer
+        reads with `.get(...)`); the parsed, typed config is `engine._config`."""
+        if self._config_as_written is not None:
+            return self._config_as_written
+        return self._config.model_dump(exclude_unset=True)
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        return self._config.zero_optimization.gather_16bit_weights_on_model_save
+
+    def compile(self, backend: str = "inductor", compile_kwargs: dict[str, Any] | None = None,
+                schedule: Any = None) -> None:
+        """DeepSpeed's `engine.compile(backend, compile_kwargs)`: torch.compile the wrapped module in place.
+        Stage 3's gather hooks stay eager, between compiled graphs."""
+        if schedule is not None:
+            raise NotBuiltError("engine.compile(schedule=...): DeepCompile's schedules are not supported yet by shardspeed")
+        self.module.compile(backend=backend, **(compile_kwargs or {}))
+        self._compiled = True
+
+    @property
+    def is_compiled(self) -> bool:
+        return self._compiled
+
     # The three batch sizes are optional in a ds_config; load_config fills in the missing ones.
     def train_batch_size(self) -> int:
-        assert self.config.train_batch_size is not None
-        return self.config.train_batch_size
+        assert self._config.train_batch_size is not None
+        return self._config.train_batch_size
 
     def train_micro_batch_size_per_gpu(self) -> int:
-        assert self.config.train_micro_batch_size_per_gpu is not None
-        return self.config.train_micro_batch_size_per_gpu
+        assert self._config.train_micro_batch_size_per_gpu is not None
+        return self._config.train_micro_batch_size_per_gpu
 
     def gradient_accumulation_steps(self) -> int:
-        assert self.config.gradient_accumulation_steps is not None
-        return self.config.gradient_accumulation_steps
+        assert self._config.gradient_accumulation_steps is not None
+        return self._config.gradient_accumulation_steps
 
     def zero_optimization_stage(self) -> int:
-        return self.config.zero_stage
+        return self._config.zero_stage
 
     def gradient_clipping(self) -> float:
-        return self.config.gradient_clipping
+        return self._config.gradient_clipping
 
     def fp16_enabled(self) -> bool:
-        return self.config.fp16.enabled
+        return self._config.fp16.enabled
 
     def bfloat16_enabled(self) -> bool:
-        return self.config.bf16.enabled
+        return self._config.bf16.enabled
 
     def steps_per_print(self) -> int | None:
-        return self.config.steps_per_print
+        return self._config.steps_per_print
 
     @property
     def device(self) -> torch.device:
@@ -153,7 +181,7 @@ class ShardspeedEngine(torch.nn.Module):
     def is_gradient_accumulation_boundary(self) -> bool:
         if self._boundary_override is not None:
             return self._boundary_override
-        if not self.config.managed_gradient_accumulation:
+        if not self._config.managed_gradient_accumulation:
             return True
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
 
@@ -163,7 +191,7 @@ class ShardspeedEngine(torch.nn.Module):
 
     # ---- the step ------------------------------------------------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        if self.config.fp16.enabled and self.config.fp16.auto_cast:
+        if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs, kwargs = _cast_floats((inputs, kwargs), torch.float16)
         self.timers(FORWARD).start()
         out = self.module(*inputs, **kwargs)
@@ -189,7 +217,7 @@ class ShardspeedEngine(torch.nn.Module):
         self._require_optimizer("step")
         if self.is_gradient_accumulation_boundary():
             self.timers(STEP).start()
-            result = self.strategy.step(self.config.gradient_clipping)
+            result = self.strategy.step(self._config.gradient_clipping)
             self.strategy.zero_grad()
             self.timers(STEP).stop()
             self._after_model_step(result, lr_kwargs)
@@ -198,6 +226,8 @@ class ShardspeedEngine(torch.nn.Module):
 
     def _after_model_step(self, result: StepResult, lr_kwargs: dict[str, Any] | None) -> None:
         self._step_applied = result.applied
+        # DeepSpeed's optimizers carry `overflow`; accelerate reads it to see fp16 steps skipped.
+        setattr(self.optimizer, "overflow", result.overflow)
         self._global_grad_norm = result.grad_norm
         if result.applied:
             if self.lr_scheduler is not None:
@@ -218,7 +248,7 @@ class ShardspeedEngine(torch.nn.Module):
                 ("Train/Samples/lr", self.get_lr()[0], self.global_samples),
                 ("Train/Samples/loss_scale", self.loss_scaler.loss_scale, self.global_samples),
             ])
-        every = self.config.steps_per_print
+        every = self._config.steps_per_print
         if every and self.global_steps % every == 0:
             now = time.perf_counter()
             then, steps = self._last_print
@@ -230,9 +260,9 @@ class ShardspeedEngine(torch.nn.Module):
                     self.topology.describe(), self.global_steps, self.skipped_steps, loss,
                     [f"{lr:.3e}" for lr in self.get_lr()], self.loss_scaler.loss_scale, rate,
                 )
-            if self.config.wall_clock_breakdown:
+            if self._config.wall_clock_breakdown:
                 self.timers.log([FORWARD, BACKWARD, STEP, *OFFLOAD_TIMERS], normalizer=every)
-        if self.config.memory_breakdown and every and self.global_steps % every == 0 and self.global_rank == 0:
+        if self._config.memory_breakdown and every and self.global_steps % every == 0 and self.global_rank == 0:
             logger.info("[rank 0] memory breakdown (bytes): %s", self.memory_breakdown())
 
     def restart_throughput_clock(self) -> None:

@@ -262,7 +262,7 @@ def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, e
     At stage 3 the weights are gathered only when `stage3_gather_16bit_weights_on_model_save` is
     set; otherwise nothing is written and False is returned, as DeepSpeed does.
     """
-    if engine.strategy.partitions_parameters and not engine.config.zero_optimization.gather_16bit_weights_on_model_save:
+    if engine.strategy.partitions_parameters and not engine.zero_gather_16bit_weights_on_model_save():
         if engine.global_rank == 0:
             import logging
 

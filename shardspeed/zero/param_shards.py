@@ -64,6 +64,9 @@ _METADATA_METHODS = frozenset({
     "register_post_accumulate_grad_hook", "requires_grad_", "__repr__", "__format__", "data_ptr",
     "is_contiguous", "stride", "get_device", "__reduce_ex__", "__setstate__", "_is_view", "untyped_storage",
     "__deepcopy__", "nelement", "ndimension", "type", "is_shared", "share_memory_", "__hash__", "__eq__", "__len__",
+    # Read as placeholders, as DeepSpeed's partitioned parameters are: Hugging Face's loaders call
+    # `model.state_dict()` for its key names and `torch.equal` on tied weights, outside any gather.
+    "detach", "equal",
 })
 
 

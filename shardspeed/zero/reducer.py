@@ -73,7 +73,8 @@ class Bucket:
     pending: int = 0
     launched: bool = False
     arrived: set[torch.nn.Parameter] = field(default_factory=set)
-    staging: torch.Tensor | None = None  # the staging buffer, while the bucket fills and reduces
+    staging: torch.Tensor | None = None  # the bucket's staging elements (a view of `pooled`) while it fills and reduces
+    pooled: torch.Tensor | None = None
     sent: torch.Tensor | None = None
     reduction: Reduction | None = None
 
@@ -108,8 +109,15 @@ class GradientReducer:
             for m in bucket.members:
                 self._member[m.param] = m
                 self._bucket_of[m.param] = bucket
-        # Staging buffers are pooled by (dtype, elements): each bucket takes one of exactly its size,
-        # so a small bucket never holds a big buffer (stage 3's persistent unit fills all through backward).
+        # Staging buffers are pooled by (dtype, elements). Kept between backwards (stage 2), every buffer
+        # of a dtype has the size of its largest bucket, so the pool stays at the few in use at once;
+        # freed after each backward (stage 3), each bucket takes one of exactly its size, so a small
+        # bucket never holds a big buffer (the persistent unit's fills all through backward).
+        self._uniform: dict[torch.dtype, int] = {}
+        for b in buckets:
+            if b.staged and keep_staging:
+                dtype = b.members[0].param.dtype
+                self._uniform[dtype] = max(self._uniform.get(dtype, 0), b.numel)
         self._free_staging: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
         self.staging_peak_bytes = 0
         self._staging_live = 0
@@ -196,9 +204,11 @@ class GradientReducer:
     def _staging(self, bucket: Bucket) -> torch.Tensor:
         if bucket.staging is None:
             first = bucket.members[0].param
-            free = self._free_staging.setdefault((first.dtype, bucket.numel), [])
-            bucket.staging = free.pop() if free else torch.empty(bucket.numel, dtype=first.dtype, device=first.device)
-            self._staging_live += bucket.staging.numel() * bucket.staging.element_size()
+            size = self._uniform.get(first.dtype, bucket.numel)
+            free = self._free_staging.setdefault((first.dtype, size), [])
+            pooled = free.pop() if free else torch.empty(size, dtype=first.dtype, device=first.device)
+            bucket.pooled, bucket.staging = pooled, pooled[:bucket.numel]
+            self._staging_live += pooled.numel() * pooled.element_size()
             self.staging_peak_bytes = max(self.staging_peak_bytes, self._staging_live)
             for lo, hi in bucket.padding:
                 bucket.staging[lo:hi].zero_()
@@ -239,10 +249,10 @@ class GradientReducer:
                 bucket.dest.add_(value.to(device=bucket.dest.device, dtype=bucket.dest.dtype))
             elif value.data_ptr() != bucket.dest.data_ptr() or value.dtype != bucket.dest.dtype:
                 bucket.dest.copy_(value)  # stage 1: unless the all-reduce already left it in place
-        if bucket.staging is not None:
-            self._free_staging[(bucket.staging.dtype, bucket.staging.numel())].append(bucket.staging)
-            self._staging_live -= bucket.staging.numel() * bucket.staging.element_size()
-            bucket.staging = None
+        if bucket.pooled is not None:
+            self._free_staging[(bucket.pooled.dtype, bucket.pooled.numel())].append(bucket.pooled)
+            self._staging_live -= bucket.pooled.numel() * bucket.pooled.element_size()
+            bucket.pooled, bucket.staging = None, None
         bucket.sent, bucket.reduction = None, None
 
     def _on_backward_end(self) -> None:

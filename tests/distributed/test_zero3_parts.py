@@ -384,6 +384,36 @@ def _grad_set_to_none() -> dict:
     return moved
 
 
+# ---- gradient staging stays at two buckets ------------------------------------------------------------------
+class Varied(nn.Module):
+    """Parameters of many sizes, so reduction buckets differ in size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8), nn.Linear(8, 64), nn.Linear(64, 32),
+                                    nn.Linear(32, 96), nn.Linear(96, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).pow(2).mean()
+
+
+def _staging(stage: int) -> dict:
+    """Gradient staging held by stage 2 (pooled between steps) and at peak by stage 3, in bytes, and
+    the largest bucket's, after a few steps."""
+    torch.manual_seed(0)
+    model = Varied()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.01}},
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = shardspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for _ in range(3):
+        engine.backward(engine(torch.randn(2, 64)))
+        engine.step()
+    largest = max(b.numel for b in engine.strategy.reducer.buckets) * 4
+    held = engine.memory_breakdown()["gradient_buckets" if stage == 2 else "gradient_buckets_peak"]
+    engine.destroy()
+    return {"held": held, "largest": largest}
+
+
 # ---- the job ------------------------------------------------------------------------------------------------
 def _scenarios(tmp: str) -> dict[str, Callable[[], Any]]:
     out: dict[str, Callable[[], Any]] = {
@@ -392,6 +422,8 @@ def _scenarios(tmp: str) -> dict[str, Callable[[], Any]]:
         "groups": _groups_made_once,
         "compiled": _compiled,
         "grad_none": _grad_set_to_none,
+        "staging-s2": lambda: _staging(2),
+        "staging-s3": lambda: _staging(3),
     }
     for stage in (0, 1, 2, 3):
         out[f"per_group-s{stage}"] = lambda s=stage: _per_group_reduction(s)
@@ -405,7 +437,7 @@ def _scenarios(tmp: str) -> dict[str, Callable[[], Any]]:
 PER_WORLD = {
     1: ["manager", "dropped-s2", "dropped-s3", "grad_none"],
     2: ["manager", "step_collectives", "groups", "init-loop", "init-nanogpt", "init-data", "dropped-s2", "dropped-s3",
-        "compiled"],
+        "compiled", "staging-s2", "staging-s3"],
     4: ["per_group-s0", "per_group-s1", "per_group-s2", "per_group-s3"],
 }
 
@@ -499,3 +531,11 @@ def test_a_gradient_set_to_none_outside_the_engine_steps_as_zero_in_every_precis
     decayed = (1 - 0.1 * 0.5) ** 2  # two AdamW steps of pure weight decay
     assert r["fp32"] == pytest.approx(decayed, rel=1e-6)
     assert r["bf16"] == pytest.approx(decayed, rel=1e-2)  # bf16 weights: 8 bits of mantissa
+
+
+@pytest.mark.timeout(DEADLINE + 60)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_staging_stays_within_two_buckets(runs: ScenarioRuns, stage: int) -> None:
+    """Catches a staging pool that keeps a buffer per bucket size (then all gradients sit in staging)."""
+    for r in runs(2, f"staging-s{stage}"):
+        assert 0 < r["held"] <= 2 * r["largest"], r
