@@ -1,6 +1,7 @@
 """Process-group set-up from whatever launched us: torchrun, SLURM, Open MPI, or nothing at all."""
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -143,5 +144,24 @@ def init_distributed(
     if world_size == 1 and init_method is None and launch.launcher == "none":
         # A private in-memory store: no port to collide with other single-process jobs.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+                                timeout=timeout)
+    if backend == "gloo":
+        atexit.register(release_gloo_at_clean_exit)
+
+
+def release_gloo_at_clean_exit() -> None:
+    """Destroy the gloo process group this module created, at exit, unless the script is failing.
+
+    A gloo group still alive when the interpreter tears down aborts the process more often than not
+    under torch 2.13 ("terminate called without an active exception", exit -6, after the script has
+    finished: pytorch/pytorch#190489), and DeepSpeed-style scripts (the Hugging Face Trainer's among
+    them) never call destroy_process_group. Destroying a gloo group is local to this process. After an
+    uncaught exception (`sys.last_value` is set) it is skipped: a peer may still be inside a collective
+    with us, and the failing exit code is what matters then.
+    """
+    if hasattr(sys, "last_value") or hasattr(sys, "last_exc"):
         return
-    dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=world_size, timeout=timeout)
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()

@@ -58,6 +58,7 @@ class ShardspeedEngine(torch.nn.Module):
         self._config = config  # typed; `config` is the dict the user wrote, as DeepSpeed's engine.config is
         self._config_as_written = config_as_written
         self._compiled = False  # engine.compile() was called
+        self._destroyed = False  # engine.destroy() was called: hooks are off the module
         self.topology = topology
         self.accelerator = get_accelerator()
         self.lr_scheduler = lr_scheduler
@@ -191,6 +192,7 @@ class ShardspeedEngine(torch.nn.Module):
 
     # ---- the step ------------------------------------------------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        self._require_alive("forward")
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs, kwargs = _cast_floats((inputs, kwargs), torch.float16)
         self.timers(FORWARD).start()
@@ -200,6 +202,7 @@ class ShardspeedEngine(torch.nn.Module):
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backward of `loss` / gradient_accumulation_steps; returns the loss it was given."""
+        self._require_alive("backward")
         self._require_optimizer("backward")
         if not loss.requires_grad:
             raise RuntimeError("engine.backward: the loss does not require grad (was it computed under torch.no_grad()?)")
@@ -214,6 +217,7 @@ class ShardspeedEngine(torch.nn.Module):
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """Count the micro step; at an accumulation boundary, take the optimizer step."""
+        self._require_alive("step")
         self._require_optimizer("step")
         if self.is_gradient_accumulation_boundary():
             self.timers(STEP).start()
@@ -286,6 +290,15 @@ class ShardspeedEngine(torch.nn.Module):
         finally:
             self._boundary_override = previous
 
+    def _require_alive(self, what: str) -> None:
+        if self._destroyed:
+            raise RuntimeError(
+                f"engine.{what}(): this engine was destroyed by engine.destroy() (accelerate's free_memory() calls it, "
+                "and the Hugging Face Trainer's train() calls that) and its hooks are off the model; build a new engine "
+                "with shardspeed.initialize. With the Trainer, evaluate() and then train() on one Trainer ends here "
+                "(with real DeepSpeed it fails too): train first (evaluate() after train() works), or evaluate in a "
+                "separate run")
+
     def _require_optimizer(self, what: str) -> None:
         if self.optimizer is None:
             raise RuntimeError(
@@ -336,6 +349,7 @@ class ShardspeedEngine(torch.nn.Module):
     def destroy(self) -> None:
         """Remove the engine's hooks from the module and free what it holds (optimizer-side memory,
         swap files). Dropping the last reference to an engine does the same."""
+        self._destroyed = True
         self.monitor.close()
         self.strategy.close()
 

@@ -13,6 +13,11 @@ from . import groups
 logger = logging.getLogger("shardspeed")
 
 
+def is_initialized() -> bool:
+    """Whether torch.distributed is set up (some Hugging Face model code asks `deepspeed.utils` for this)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def log_dist(message: str, ranks: Iterable[int] | None = None, level: int = logging.INFO) -> None:
     """Log `message` on the given global ranks only (all when None or containing -1), as DeepSpeed's does."""
     wanted = list(ranks) if ranks is not None else [-1]
@@ -21,5 +26,5 @@ def log_dist(message: str, ranks: Iterable[int] | None = None, level: int = logg
         logger.log(level, f"[Rank {rank}] {message}")
 
 
-__all__ = ["get_z3_leaf_modules", "groups", "log_dist", "logger", "set_z3_leaf_modules", "unset_z3_leaf_modules",
+__all__ = ["get_z3_leaf_modules", "groups", "is_initialized", "log_dist", "logger", "set_z3_leaf_modules", "unset_z3_leaf_modules",
            "z3_leaf_module"]

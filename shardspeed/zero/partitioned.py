@@ -90,6 +90,8 @@ class PartitionedOptimizer:
             own_start, _ = layout.partition(axis.rank)
             for start, end in bucket_ranges(layout, cap):
                 members = [Member(p, slot.offset - start) for slot, p in zip(layout.slots, params) if start <= slot.offset < end]
+                if not members:
+                    continue  # a group without trainable parameters: nothing is ever reduced into it
                 spans = spans_in(start, end, layout.partition_size, axis.size)
                 lo, hi = spans[axis.rank]
                 dest = self.grad_partitions[g][start + lo - own_start:start + hi - own_start] if hi > lo else \
@@ -102,15 +104,18 @@ class PartitionedOptimizer:
 
     def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str], axis: AxisGroup) -> None:
         trainable = [p for p in group["params"] if p.requires_grad]
-        if not trainable:
-            raise ValueError("a ZeRO parameter group has no trainable parameters; drop the group")
         for p in trainable:
             if p not in names:
                 raise ValueError("the optimizer holds a parameter that is not in the model; ZeRO can only partition the model's parameters")
         # Flat order is reverse registration order; slots record it (see layout.build_layout).
         layout = build_layout([(names[p], p) for p in trainable], axis.size)
         ordered = list(reversed(trainable))
-        flat = torch.zeros(layout.padded_numel, dtype=trainable[0].dtype, device=trainable[0].device)
+        # A group may hold no trainable parameter (the Hugging Face Trainer's no-decay group under LoRA, whose
+        # norms and biases are frozen): it keeps its place in param_groups, as schedulers index them, with a
+        # padding-only partition that its optimizer steps as zeros.
+        like = trainable[0] if trainable else next(iter(self.module_params), torch.zeros(()))
+        flat = torch.zeros(layout.padded_numel, dtype=like.dtype if like.is_floating_point() else torch.float32,
+                           device=like.device)
         for slot, p in zip(layout.slots, ordered):
             if p.dtype != flat.dtype:
                 raise ValueError(f"parameter `{slot.name}` is {p.dtype} but its group holds {flat.dtype}; ZeRO needs one dtype per group")

@@ -124,3 +124,32 @@ def _check_errors(cases: dict) -> dict:
     model = TinyNet()
     out["keep one"] = _initialize_error(BASE, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     return out
+
+
+def _use_after_destroy(stage: int) -> dict[str, str]:
+    torch.manual_seed(0)
+    model = TinyNet()
+    engine, *_ = shardspeed.initialize(model=model, config={**BASE, "zero_optimization": {"stage": stage}})
+    x, y = torch.randn(2, IN), torch.randint(0, 4, (2,))
+    engine.backward(engine(x, y))
+    engine.step()
+    engine.destroy()
+    out = {}
+    for what, call in {"forward": lambda: engine(x, y), "backward": lambda: engine.backward(torch.ones((), requires_grad=True)),
+                       "step": engine.step}.items():
+        try:
+            call()
+            out[what] = "no error"
+        except RuntimeError as err:
+            out[what] = str(err)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_destroyed_engine_says_so(tmp_path, stage):
+    """accelerate's free_memory() destroys engines the Hugging Face Trainer may still call (evaluate() then
+    train()): every entry point names the destroy instead of failing somewhere inside."""
+    (got,) = run_distributed(_use_after_destroy, 1, tmp_path, stage)
+    for what in ("forward", "backward", "step"):
+        assert got[what].startswith(f"engine.{what}(): this engine was destroyed by engine.destroy()"), got[what]

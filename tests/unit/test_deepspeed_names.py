@@ -51,7 +51,7 @@ BUILT: list[tuple[str, str]] = [
     *[("utils.zero_to_fp32", n) for n in ("get_fp32_state_dict_from_zero_checkpoint", "convert_zero_checkpoint_to_fp32_state_dict",
                                           "load_state_dict_from_zero_checkpoint")],
     # deepspeed.utils (transformers deepspeed_init, accelerate DeepSpeedPlugin.set_moe_leaf_modules)
-    *[("utils", n) for n in ("logger", "log_dist", "set_z3_leaf_modules", "unset_z3_leaf_modules", "get_z3_leaf_modules",
+    *[("utils", n) for n in ("logger", "is_initialized", "log_dist", "set_z3_leaf_modules", "unset_z3_leaf_modules", "get_z3_leaf_modules",
                              "z3_leaf_module", "groups")],
     ("accelerator", "get_accelerator"),
     # the launcher (accelerate commands/launch.py, in the launcher process)
