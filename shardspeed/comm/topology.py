@@ -176,8 +176,8 @@ class Topology:
         for axis, grid_name in _GRID_NAME.items():
             self._groups[axis] = given[grid_name] if grid_name in given else self._make(grid.get_axis_comm_lists(grid_name))
         data_lists = _all_lists(self._groups[Axis.DATA]) if "data" in given else grid.get_axis_comm_lists("data")
-        self._groups[Axis.EXPERT] = self._make([dl[i:i + ep_size] for dl in data_lists for i in range(0, dp, ep_size)])
-        self._groups[Axis.EXPERT_DATA] = self._make([dl[i::ep_size] for dl in data_lists for i in range(ep_size)])
+        self._data_lists = data_lists
+        self._groups[Axis.EXPERT], self._groups[Axis.EXPERT_DATA] = self.expert_axes(ep_size)
         replicas = [sorted(dl[i] for dl in data_lists) for i in range(dp)]
         self._groups[Axis.MODEL_PARALLEL] = self._make(replicas)
 
@@ -226,6 +226,26 @@ class Topology:
         if dp * tp * pp != world:
             raise ValueError(f"mpu groups do not tile the job: data {dp} x tensor {tp} x pipeline {pp} != world size {world}")
         return cls(PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp), given=given)
+
+    def expert_axes(self, ep_size: int, data_before_expert: bool = False) -> tuple[AxisGroup, AxisGroup]:
+        """This rank's (expert-parallel, expert-data-parallel) groups for experts split `ep_size` ways
+        over the data axis (collective; groups are made once and shared).
+
+        DeepSpeed's default layout (E+D) puts expert peers on adjacent data ranks: at data 4 and
+        ep 2, expert [0,1],[2,3] and expert-data [0,2],[1,3]. `data_before_expert` (DeepSpeed's
+        `use_data_before_expert_parallelism`) swaps them: expert-data adjacent, expert strided.
+        """
+        dp = self.grid.get_dim("data")
+        if ep_size < 1 or dp % ep_size:
+            raise ValueError(f"expert-parallel size {ep_size} must divide the data-parallel size {dp}")
+        chunks = [dl[i:i + ep_size] for dl in self._data_lists for i in range(0, dp, ep_size)]
+        strided = [dl[i::ep_size] for dl in self._data_lists for i in range(ep_size)]
+        if data_before_expert:
+            edp = dp // ep_size
+            chunks = [dl[i:i + edp] for dl in self._data_lists for i in range(0, dp, edp)]
+            strided = [dl[i::edp] for dl in self._data_lists for i in range(edp)]
+            return self._make(strided), self._make(chunks)
+        return self._make(chunks), self._make(strided)
 
     def _make(self, rank_lists: list[list[int]]) -> AxisGroup:
         made = groups_for(rank_lists)

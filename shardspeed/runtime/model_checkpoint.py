@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 from ..comm.topology import Axis
 from ..tensor_parallel.reshard import partition_marks, reshard_tensors, reshard_universal
-from ..zero.universal import merge_shards
+from ..zero.param_names import checkpoint_names, fused_expert_rows, is_expert
+from ..zero.universal import merge_shards, reslice_rows
+from .expert_states import to_local_experts, with_all_experts
 from .checkpoint_io import CheckpointError, atomic_write_bytes, fsync_dir, load_verified, read_manifest, save_torch, write_manifest
 
 if TYPE_CHECKING:
@@ -50,6 +52,7 @@ def save(engine: "ShardspeedEngine", save_dir: str, tag: str | None, client_stat
     rank = engine.global_rank
     tp = engine.topology.axis(Axis.TENSOR)
     module_state = engine.module_state_dict(exclude_frozen)  # collective at stage 3 (gathers the weights)
+    module_state = with_all_experts(engine.module, module_state)  # collective over expert groups, if any
     digests = {_rank_file(rank): save_torch(_rank_state(engine), partial / _rank_file(rank))}
     if engine.topology.axis(Axis.DATA).rank == 0:  # one module file per tensor-parallel shard
         digests[model_file(tp.rank)] = save_torch(_model_state(engine, module_state, client_state), partial / model_file(tp.rank))
@@ -162,8 +165,10 @@ def _rank_state(engine: "ShardspeedEngine") -> dict[str, Any]:
     state: dict[str, Any] = {
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
         # A replicated state is the same on every data-parallel rank: its rank 0 (per tensor shard) saves it.
+        # Experts split over expert-parallel ranks are saved by the first rank of each expert-data group.
         "optimizer": engine.strategy.state_dict() if engine.optimizer is not None and (
-            not engine.strategy.replicated or engine.topology.axis(Axis.DATA).rank == 0) else None,
+            not engine.strategy.replicated or engine.topology.axis(Axis.DATA).rank == 0
+            or any(is_expert(p) for p in engine.module.parameters())) else None,
         "dataloader": engine.training_dataloader.state_dict() if engine.training_dataloader is not None else None,
     }
     if torch.cuda.is_available():
@@ -211,7 +216,7 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
         del model_files
     else:
         model_state = load_verified(folder, model_file(tp.rank), manifest)
-    engine.load_module_state_dict(model_state["module"], strict=strict)
+    engine.load_module_state_dict(to_local_experts(engine.module, model_state["module"]), strict=strict)
     engine.strategy.sync_masters_from_model()
     if load_module_only:
         return str(folder), model_state["client_state"]
@@ -231,6 +236,9 @@ def load(engine: "ShardspeedEngine", load_dir: str, tag: str | None, strict: boo
         else:
             universal = merge_shards([s["optimizer"] for s in states.values()])
         del states
+        # Fused-experts weights saved at another expert-parallel size: cut to the rows this rank holds.
+        wanted: dict[str, tuple[str, int, int, int] | None] = {name: None for name in checkpoint_names(engine.module).values()}
+        universal["params"] = reslice_rows(universal["params"], {**wanted, **fused_expert_rows(engine.module)})
         engine.strategy.load_universal(universal)
     else:
         rank_state = load_verified(folder, _rank_file(own), manifest)
@@ -272,6 +280,7 @@ def save_16bit_model(engine: "ShardspeedEngine", save_dir: str, filename: str, e
                 Path(save_dir) / filename)
         return False
     whole = engine.whole_module_state_dict(exclude_frozen)  # collective at stage 3 and under tensor parallelism
+    whole = with_all_experts(engine.module, whole)  # every expert, under its global index
     if engine.global_rank == 0:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in whole.items()}

@@ -71,6 +71,13 @@ class ParamGroupComm:
     def extra(self, g: int) -> AxisGroup | None:
         return self.norm_extra[g] if g < len(self.norm_extra) else None
 
+    def average_over(self, g: int) -> int:
+        """The ranks param group g's summed gradients are divided by: always the data-parallel size. An
+        expert's gradient, summed over its expert-data group, already holds every token of its expert
+        group (the all-to-all brought them), so that sum over the data-parallel size is the same
+        average as plain data parallelism gives."""
+        return self.data.size
+
 
 class ZeroStrategy(Protocol):
     """What the engine asks of a stage. One object per engine, chosen by `build_zero_strategy`."""

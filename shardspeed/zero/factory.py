@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..comm.topology import Axis, Topology
+from ..comm.topology import Axis, AxisGroup, Topology
 from ..config.errors import ConfigError
 from ..config.schema import ShardspeedConfig
 from ..offload.optimizer_offload import OffloadedOptimizer
@@ -48,7 +48,7 @@ def build_zero_strategy(
     check_zero_config(cfg, module, norm_scope, pipeline)
     if optimizer is not None and zero.stage > 0:
         check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
-    comm = param_group_comm(topology, optimizer)
+    comm = param_group_comm(topology, optimizer, cfg.use_data_before_expert_parallelism)
     reduce = ReduceOptions(_COMM_DTYPES[cfg.communication_data_type] if cfg.communication_data_type else None,
                            cfg.gradient_predivide_factor if cfg.prescale_gradients else None)
     offload = _optimizer_offload(cfg, optimizer, timers) if optimizer is not None else None
@@ -61,16 +61,37 @@ def build_zero_strategy(
     return ReplicatedOptimizer(module, optimizer, zero, precision, comm, reduce, norm_scope=norm_scope)
 
 
-def param_group_comm(topology: Topology, optimizer: torch.optim.Optimizer | None) -> ParamGroupComm:
-    """Data parallel for every param group, except DeepSpeed's MoE groups (`"moe": True`): those
-    reduce over the expert-data-parallel group and complete their norm over the expert group."""
+def param_group_comm(topology: Topology, optimizer: torch.optim.Optimizer | None,
+                     data_before_expert: bool = False) -> ParamGroupComm:
+    """Data parallel for every param group, except DeepSpeed's MoE groups (`"moe": True`, named
+    `ep_size_<n>`): those reduce over their expert-data-parallel group and complete their norm over
+    their expert-parallel group."""
     data = topology.axis(Axis.DATA)
     groups = optimizer.param_groups if optimizer is not None else []
-    moe = [bool(group.get("moe", False)) for group in groups]
-    if not any(moe):
+    if not any(group.get("moe", False) for group in groups):
         return ParamGroupComm(data)
-    edp, ep = topology.axis(Axis.EXPERT_DATA), topology.axis(Axis.EXPERT)
-    return ParamGroupComm(data, tuple(edp if m else None for m in moe), tuple(ep if m else None for m in moe))
+    per_group: list[AxisGroup | None] = []
+    extra: list[AxisGroup | None] = []
+    for g, group in enumerate(groups):
+        if not group.get("moe", False):
+            per_group.append(None)
+            extra.append(None)
+            continue
+        ep_axis, edp_axis = topology.expert_axes(moe_group_ep_size(group, g), data_before_expert)
+        per_group.append(edp_axis)
+        extra.append(ep_axis)
+    return ParamGroupComm(data, tuple(per_group), tuple(extra))
+
+
+def moe_group_ep_size(group: dict[str, Any], index: int) -> int:
+    """The expert-parallel size of an MoE param group, from its DeepSpeed name `ep_size_<n>`."""
+    name = str(group.get("name", ""))
+    prefix = "ep_size_"
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        raise ConfigError(f"optimizer param group {index} is marked \"moe\": True but is named {name!r}; MoE groups are "
+                          "named \"ep_size_<n>\" after their layers' expert_group_name (build them with "
+                          "shardspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer)")
+    return int(name[len(prefix):])
 
 
 def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope: NormScope, pipeline: bool) -> None:

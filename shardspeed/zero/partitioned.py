@@ -26,6 +26,7 @@ from ..optim.precision import Precision
 from .base import NormPiece, NormScope, ParamGroupComm, StepResult, scaled_backward, step_partitions, tensor_bytes, unscale_and_clip_factor
 from .layout import GroupLayout, bucket_ranges, build_layout
 from .module_only import drop_frozen
+from .param_names import checkpoint_names
 from .reducer import Bucket, GradientReducer, Member, ReduceOptions, spans_in
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
@@ -54,7 +55,7 @@ class PartitionedOptimizer:
         self.check_overflow = precision.check_overflow
         self.allgather_elements = max(1, zero.allgather_bucket_size)
         self.policy = CommPolicy.for_group(comm.data.group)
-        names = {p: n for n, p in module.named_parameters()}
+        names = checkpoint_names(module)
         self.module_params = list(module.parameters())
         self.layouts: list[GroupLayout] = []
         self.group_params: list[list[torch.nn.Parameter]] = []
@@ -99,7 +100,8 @@ class PartitionedOptimizer:
                 covered = members[-1].offset + members[-1].param.numel() if members else 0
                 buffer = self.flat_grads[g][start:end] if self.flat_grads else None
                 padding = [(covered, end - start)] if buffer is None and covered < end - start else []
-                buckets.append(Bucket(axis, members, end - start, spans, dest=dest, buffer=buffer, padding=padding))
+                buckets.append(Bucket(axis, members, end - start, spans, dest=dest, buffer=buffer, padding=padding,
+                                      average_over=self.comm.average_over(g)))
         return buckets
 
     def _partition_group(self, group: dict[str, Any], names: dict[torch.nn.Parameter, str], axis: AxisGroup) -> None:

@@ -77,6 +77,13 @@ class Bucket:
     pooled: torch.Tensor | None = None
     sent: torch.Tensor | None = None
     reduction: Reduction | None = None
+    # The number of ranks the sum is averaged over; 0: the group's size. Expert gradients are summed over
+    # the expert-data-parallel group but averaged over all data-parallel ranks (see ParamGroupComm).
+    average_over: int = 0
+
+    @property
+    def divisor(self) -> int:
+        return self.average_over or self.axis.size
 
     @property
     def staged(self) -> bool:
@@ -220,7 +227,7 @@ class GradientReducer:
         assert tensor is not None
         comm_dtype = self.options.comm_dtype
         sent = tensor.to(comm_dtype) if comm_dtype is not None and comm_dtype != tensor.dtype else tensor
-        pre, _ = self.options.factors(bucket.axis.size)
+        pre, _ = self.options.factors(bucket.divisor)
         if pre != 1.0:
             sent.div_(pre)
         bucket.sent = sent
@@ -236,7 +243,7 @@ class GradientReducer:
         self._in_flight.remove(bucket)
         assert bucket.reduction is not None and bucket.sent is not None
         mine = bucket.reduction.wait()
-        _, post = self.options.factors(bucket.axis.size)
+        _, post = self.options.factors(bucket.divisor)
         if bucket.dest is None:  # stage 0: every rank keeps the whole sum, in its buffer
             assert bucket.buffer is not None
             if bucket.sent is not bucket.buffer:

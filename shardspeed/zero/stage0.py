@@ -14,6 +14,7 @@ from ..config.sections import ZeroConfig
 from ..optim.precision import Precision
 from .base import NormPiece, NormScope, ParamGroupComm, StepResult, scaled_backward, tensor_bytes, unscale_and_clip_factor
 from .module_only import drop_frozen
+from .param_names import checkpoint_names
 from .reducer import Bucket, GradientReducer, ReduceOptions, contiguous_members
 from .universal import restore_hyperparams, shard_header, snapshot_state
 
@@ -38,7 +39,7 @@ class ReplicatedOptimizer:
         self.loss_scaler = precision.loss_scaler
         self.check_overflow = precision.check_overflow
         self.params = [p for p in module.parameters() if p.requires_grad]
-        self.names = {p: n for n, p in module.named_parameters()}
+        self.names = checkpoint_names(module)
         self.group_of = {p: g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         self.masters = _attach_master_weights(optimizer, self.params)
         self.reducer = GradientReducer(self._buckets(zero.reduce_bucket_size), reduce)
@@ -53,7 +54,7 @@ class ReplicatedOptimizer:
             for members in contiguous_members(ordered, cap):
                 numel = members[-1].offset + members[-1].param.numel()
                 buffer = torch.zeros(numel, dtype=members[0].param.dtype, device=members[0].param.device)
-                buckets.append(Bucket(axis, members, numel, spans=None, buffer=buffer))
+                buckets.append(Bucket(axis, members, numel, spans=None, buffer=buffer, average_over=self.comm.average_over(g)))
         return buckets
 
     def prepare_backward(self, boundary: bool) -> None:
@@ -117,8 +118,12 @@ class ReplicatedOptimizer:
         return [(self.names[p], p, self.masters.get(p, p)) for p in self.params]
 
     def state_dict(self) -> dict[str, Any]:
+        """Every parameter whose group this rank leads: all of them on data-parallel rank 0; experts split
+        over expert-parallel ranks on the first rank of their expert-data group (`merge_shards` joins them)."""
         params = {}
-        for name, _, target in self._stepped():
+        for name, param, target in self._stepped():
+            if self.comm.axis(self.group_of.get(param, 0)).rank != 0:
+                continue
             state = self.optimizer.state.get(target, {})
             params[name] = {"fp32": target.detach().float().clone(), "state": snapshot_state(state)}
         return {**shard_header(self.optimizer, self.loss_scaler, "replicated"), "params": params}

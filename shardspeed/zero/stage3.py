@@ -117,12 +117,13 @@ class Stage3Optimizer:
                        and full < limit and full + run[start - 1].full_numel <= cap // 2):
                     start -= 1
                     full += run[start].full_numel
-                buckets.append(self._bucket(run[start:end], grads[offsets[start]:offsets[end - 1] + run[end - 1].partition_size]))
+                buckets.append(self._bucket(run[start:end], grads[offsets[start]:offsets[end - 1] + run[end - 1].partition_size],
+                                            self.comm.data.size))
                 end = start
         return buckets
 
     @staticmethod
-    def _bucket(units: list[Unit], dest: torch.Tensor) -> Bucket:
+    def _bucket(units: list[Unit], dest: torch.Tensor, average_over: int) -> Bucket:
         axis = units[0].dp
         chunk = dest.numel()
         members, column = [], 0
@@ -130,7 +131,7 @@ class Stage3Optimizer:
             members += [Member(p, column + slot.offset, slot.shard) for p, slot in zip(unit.params, unit.slots)]
             column += unit.partition_size
         spans = [(r * chunk, (r + 1) * chunk) for r in range(axis.size)]
-        return Bucket(axis, members, chunk * axis.size, spans, dest=dest)
+        return Bucket(axis, members, chunk * axis.size, spans, dest=dest, average_over=average_over)
 
     def _segments(self) -> list[list[Segment]]:
         """Per optimizer group, what offload steps: each resident run whole, each NVMe-swapped unit alone."""
@@ -231,7 +232,10 @@ class Stage3Optimizer:
 
         Only rank 0 of the data-parallel group receives it unless `on_all_ranks`.
         """
-        return self.manager.consolidated_state_dict(on_all_ranks or self.comm.data.rank == 0, exclude_frozen)
+        # Experts split over expert-parallel ranks: the first rank of each expert-data group keeps its experts
+        # (the checkpoint collects them from there).
+        lead_experts = any(g is not None and g.rank == 0 for g in self.comm.per_group)
+        return self.manager.consolidated_state_dict(on_all_ranks or self.comm.data.rank == 0 or lead_experts, exclude_frozen)
 
     def load_module_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
         self.manager.load_module_state_dict(state, strict)

@@ -51,6 +51,7 @@ def unit_states(strategy: "Stage3Optimizer") -> list[dict[str, Any]]:
         n, total = unit.partition_size, master.numel()
         units.append({
             "slots": [(s.name, s.numel, tuple(s.shape), s.offset, s.shard) for s in unit.slots],
+            "axis_rank": unit.dp.rank, "axis_size": unit.dp.size,  # experts: their expert-data group, not data parallel
             "master": master[at:at + n].detach().clone(),
             "state": snapshot_state({k: v[at:at + n] if _per_element(v, total) else v for k, v in state.items()}),
         })

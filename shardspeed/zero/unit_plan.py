@@ -18,6 +18,7 @@ import torch
 from ..comm.collectives import CommPolicy
 from ..comm.topology import AxisGroup
 from ..config.sections import OffloadParamConfig
+from .param_names import checkpoint_names
 from .param_shards import Manager, Unit, is_partitioned, shard_numel
 
 FROZEN = "frozen"  # the group key of parameters that never get gradients
@@ -49,7 +50,7 @@ def plan_units(module: torch.nn.Module, group_of: dict[torch.nn.Parameter, int],
                leaf_spec: dict[str, Any], granularity_threshold: int, offload: OffloadParamConfig | None,
                policy: CommPolicy | None = None) -> UnitPlan:
     """Units of `module`'s parameters. `group_of`: trainable parameters' optimizer group (others are frozen)."""
-    names = {p: n for n, p in module.named_parameters()}
+    names = checkpoint_names(module)
 
     def key(p: torch.nn.Parameter) -> GroupKey:
         return group_of[p] if p in group_of and p.requires_grad else FROZEN

@@ -119,9 +119,11 @@ class TwoGroups(nn.Module):
 
 
 def _per_group_reduction(stage: int) -> dict:
-    """Group 0 averages over all 4 ranks (data); group 1, marked "moe" as DeepSpeed's MoE param groups
-    are, averages over its expert-data-parallel group ({0, 2} and {1, 3} with ep_size 2). One SGD step
-    at lr 1 makes the applied gradient visible; the reported norm counts both expert groups' gradients."""
+    """Group 0 averages over all 4 ranks (data); group 1, marked "moe" and named "ep_size_2" as DeepSpeed's
+    MoE param groups are, sums over its expert-data-parallel group ({0, 2} and {1, 3} with ep_size 2) and
+    divides by the data-parallel size (DeepSpeed's expert averaging: after the all-to-all an expert's
+    gradient already holds its whole expert group's tokens). One SGD step at lr 1 makes the applied
+    gradient visible; the reported norm counts both expert groups' gradients."""
     from shardspeed.comm.topology import ProcessTopology, Topology
     from shardspeed.config import load_config
     from shardspeed.optim.loss_scaler import LossScaler
@@ -141,21 +143,21 @@ def _per_group_reduction(stage: int) -> dict:
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     edp = [r for r in range(world) if r % 2 == rank % 2]
-    expected_grads = {n: torch.stack([everyone[r][n] for r in (range(world) if n.startswith("dense") else edp)]).mean(0)
-                      for n in mine}
+    expected_grads = {n: torch.stack([everyone[r][n] for r in range(world)]).mean(0) if n.startswith("dense") else
+                      torch.stack([everyone[r][n] for r in edp]).sum(0) / world for n in mine}
     cfg = load_config({"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
                        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
                                              "reduce_bucket_size": 100}}, None)
     cfg.train_batch_size = 2 * world
     optimizer = torch.optim.SGD([{"params": list(model.dense.parameters())},
-                                 {"params": list(model.expert.parameters()), "moe": True, "name": "experts"}], lr=1.0)
+                                 {"params": list(model.expert.parameters()), "moe": True, "name": "ep_size_2"}], lr=1.0)
     engine = ShardspeedEngine(model, cfg, topology, optimizer, None, LossScaler(1.0))
     engine.backward(engine(x))
     engine.step()
     final = engine.whole_module_state_dict() if stage < 3 else engine.strategy.consolidated_state_dict(on_all_ranks=True)
     applied = {n: initial[n] - final[n] for n in initial}
     dense_sq = sum(expected_grads[n].square().sum() for n in mine if n.startswith("dense"))
-    expert_sq = {r: sum(torch.stack([everyone[q][n] for q in range(world) if q % 2 == r]).mean(0).square().sum()
+    expert_sq = {r: sum((torch.stack([everyone[q][n] for q in range(world) if q % 2 == r]).sum(0) / world).square().sum()
                         for n in mine if n.startswith("expert")) for r in (0, 1)}
     engine.destroy()
     return {"applied": applied, "expected": expected_grads, "norm": engine.get_global_grad_norm(),

@@ -53,7 +53,18 @@ BUILT: list[tuple[str, str]] = [
     # deepspeed.utils (transformers deepspeed_init, accelerate DeepSpeedPlugin.set_moe_leaf_modules)
     *[("utils", n) for n in ("logger", "is_initialized", "log_dist", "set_z3_leaf_modules", "unset_z3_leaf_modules", "get_z3_leaf_modules",
                              "z3_leaf_module", "groups")],
+    # mixture of experts (guide §9; DeepSpeed's MoE tutorial)
+    ("moe.layer", "MoE"),
+    *[("moe.sharded_moe", n) for n in ("TopKGate", "MOELayer", "top1gating", "top2gating", "topkgating")],
+    *[("moe.utils", n) for n in ("is_moe_param", "split_params_into_different_moe_groups_for_optimizer")],
     ("accelerator", "get_accelerator"),
+    # deepspeed.utils.groups (expert parallelism)
+    *[("utils.groups", n) for n in ("_create_expert_and_data_parallel", "_get_expert_parallel_group",
+                                     "_get_expert_data_parallel_group", "_get_expert_parallel_world_size",
+                                     "_get_expert_parallel_rank", "_get_expert_data_parallel_world_size",
+                                     "_get_expert_data_parallel_rank", "_get_expert_parallel_group_dict",
+                                     "_get_expert_data_parallel_group_dict", "_get_max_expert_size",
+                                     "_get_expert_broadcast_src_rank", "_get_data_parallel_group")],
     # the launcher (accelerate commands/launch.py, in the launcher process)
     ("launcher.runner", "DEEPSPEED_ENVIRONMENT_NAME"), ("launcher.runner", "main"),
 ]
@@ -66,9 +77,6 @@ UNBUILT: list[tuple[str, str, str]] = [
     ("", "DeepSpeedHybridEngine", "hybrid engine"),
     ("inference.engine", "InferenceEngine", "inference engine"),
     ("runtime.hybrid_engine", "DeepSpeedHybridEngine", "hybrid engine"),
-    ("moe.layer", "MoE", "mixture of experts"),
-    *[("moe.sharded_moe", n, "mixture of experts") for n in ("TopKGate", "MOELayer", "top1gating", "top2gating", "topkgating")],
-    *[("moe.utils", n, "mixture of experts") for n in ("is_moe_param", "split_params_into_different_moe_groups_for_optimizer")],
     ("profiling.flops_profiler", "get_model_profile", "FLOPs profiler"),
     ("profiling.flops_profiler", "FlopsProfiler", "FLOPs profiler"),
     ("runtime.zero.stage3", "estimate_zero3_model_states_mem_needs_all_live", "memory estimators"),
@@ -76,8 +84,6 @@ UNBUILT: list[tuple[str, str, str]] = [
     ("runtime.zero.stage_1_and_2", "estimate_zero2_model_states_mem_needs_all_live", "memory estimators"),
     ("runtime.zero.stage_1_and_2", "estimate_zero2_model_states_mem_needs_all_cold", "memory estimators"),
     ("comm", "log_summary", "comms logger"),
-    ("utils.groups", "_get_expert_parallel_group", "expert-parallel"),
-    ("utils.groups", "_get_expert_data_parallel_group", "expert-parallel"),
     ("utils.groups", "_get_sequence_parallel_group", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPAttentionHF", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPDataLoaderAdapter", "sequence parallelism"),
