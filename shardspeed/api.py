@@ -22,6 +22,9 @@ from .comm.init import init_distributed
 from .comm.topology import Axis, Topology
 from .config import ConfigError, ResolveContext, complete_config, parse_strict
 from .config.schema import ShardspeedConfig
+from .moe.hf_expert_parallel import apply_expert_parallel
+from .moe.parallel_setup import (check_moe_config, check_moe_groups, expert_data_axis, moe_layers, moe_param_groups,
+                                  regroup_client_optimizer, setup_expert_parallel)
 from .monitor.logs import speak_on_rank0
 from .optim import build_optimizer
 from .optim.loss_scaler import make_loss_scaler
@@ -67,13 +70,26 @@ def initialize(
         raise ConfigError(stage3_with_model_parallel(tp_key))  # before AutoTP shards the model
     topology = _topology(model, mpu, tp_size, tp_key)
     pipeline = isinstance(model, PipelineModule)
+    experts = moe_layers(model)
+    check_moe_config(cfg, experts)
+    if experts:
+        _check_moe_layout(model, cfg, experts, optimizer, pipeline)
+        setup_expert_parallel(experts, topology, cfg.use_data_before_expert_parallelism)
+    if cfg.expert_parallel.enabled:  # Hugging Face MoE blocks (DeepSpeed's AutoEP): split their fused experts
+        if experts:
+            raise ConfigError("`expert_parallel.enabled` splits Hugging Face MoE blocks, but the model has shardspeed MoE "
+                              "layers, which split themselves (MoE(..., ep_size=)); remove the `expert_parallel` section")
+        _check_moe_layout(model, cfg, [], optimizer, pipeline)
+        apply_expert_parallel(model, cfg.expert_parallel, topology, cfg.use_data_before_expert_parallelism)
     if cfg.log_level:
         logger.setLevel(cfg.log_level.upper())
     if cfg.dump_state and dist.get_rank() == 0:
         logger.info("shardspeed config: %s", cfg.model_dump_json(indent=1))
 
     model = _place_module(model, cfg, topology)
-    base_optimizer = _make_optimizer(optimizer, model_parameters, model, cfg)
+    base_optimizer = _make_optimizer(optimizer, model_parameters, model, cfg, experts)
+    if cfg.expert_parallel.enabled and isinstance(optimizer, torch.optim.Optimizer):
+        regroup_client_optimizer(optimizer, lr_scheduler)  # built before initialize split the experts
     dataloader = None
     if training_data is not None:
         dp = topology.axis(Axis.DATA)
@@ -194,8 +210,6 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
         "tensor_parallel.tp_overlap_comm": cfg.tensor_parallel.tp_overlap_comm,
         "tensor_parallel.preset_model": cfg.tensor_parallel.preset_model is not None,
         "tensor_parallel.partition_config": cfg.tensor_parallel.partition_config is not None,
-        "moe.enabled": cfg.moe.enabled,
-        "moe_expert_parallel_size": cfg.moe_expert_parallel_size > 1,
         "flops_profiler.enabled": cfg.flops_profiler.enabled,
         "comms_logger.enabled": cfg.comms_logger.enabled,
         "comet.enabled": cfg.comet.enabled,
@@ -228,7 +242,10 @@ def _place_module(model: torch.nn.Module, cfg: ShardspeedConfig, topology: Topol
     if dp.size > 1:
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=dp.ranks[0], group=dp.group)
+                # An expert split over expert-parallel ranks is replicated over its expert-data group only.
+                axis = expert_data_axis(tensor) or dp
+                if axis.size > 1:
+                    dist.broadcast(tensor.data, src=axis.ranks[0], group=axis.group)
     return model
 
 
@@ -247,17 +264,40 @@ def _place_partitioned_module(model: torch.nn.Module, device: torch.device, topo
     return model
 
 
-def _make_optimizer(optimizer: Any, model_parameters: Any, model: torch.nn.Module, cfg: ShardspeedConfig) -> torch.optim.Optimizer | None:
-    params = list(model_parameters) if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(optimizer: Any, model_parameters: Any, model: torch.nn.Module, cfg: ShardspeedConfig,
+                    experts: list[Any]) -> torch.optim.Optimizer | None:
     if optimizer is not None and cfg.optimizer is not None:
         raise ConfigError("an optimizer was passed to initialize and the config has an `optimizer` section; keep one")
     if isinstance(optimizer, torch.optim.Optimizer):
+        if experts:
+            check_moe_groups(optimizer.param_groups, model, experts)
         return optimizer
+    if experts or cfg.expert_parallel.enabled:  # DeepSpeed's automatic groups: dense ones, one `ep_size_<n>` per layout
+        params: list[Any] = moe_param_groups(model_parameters, model, experts)
+    else:
+        params = list(model_parameters) if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
     if callable(optimizer):
         return optimizer(params)
     if cfg.optimizer is not None:
         return build_optimizer(cfg.optimizer.type, cfg.optimizer.params, params)
     return None
+
+
+def _check_moe_layout(model: torch.nn.Module, cfg: ShardspeedConfig, experts: list[Any], optimizer: Any, pipeline: bool) -> None:
+    """Layouts with MoE layers that shardspeed does not build yet, refused before any group is made."""
+    split = [layer for layer in experts if layer.ep_size > 1] or cfg.expert_parallel.autoep_size > 1
+    if pipeline:
+        raise ConfigError("MoE layers (or `expert_parallel`) inside a PipelineModule are not supported yet by shardspeed; "
+                          "train the MoE model without pipeline parallelism")
+    if any(is_partitioned(p) for p in model.parameters()):
+        raise ConfigError("an MoE model built under shardspeed.zero.Init is not supported yet: zero.Init partitions experts "
+                          "over all data-parallel ranks; build the model normally and use `zero_optimization.stage` 3")
+    if split and cfg.zero_optimization.stage == 3:
+        frozen = [n for n, p in model.named_parameters() if getattr(p, "allreduce", True) is False and not p.requires_grad]
+        if optimizer is None and cfg.optimizer is None or frozen:
+            raise ConfigError("ZeRO-3 with expert parallelism (ep_size > 1) partitions experts by their optimizer group; "
+                              "frozen experts or an engine without an optimizer are not supported yet"
+                              + (f" (frozen: `{frozen[0]}`)" if frozen else ""))
 
 
 def _make_scheduler(lr_scheduler: Any, optimizer: torch.optim.Optimizer | None, cfg: ShardspeedConfig) -> Any:

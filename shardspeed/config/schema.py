@@ -18,6 +18,7 @@ from .sections import (
     DataTypesConfig,
     FlopsProfilerConfig,
     FP16Config,
+    ExpertParallelConfig,
     MoEConfig,
     OptimizerConfig,
     PipelineConfig,
@@ -42,7 +43,6 @@ UNIMPLEMENTED_SECTIONS: tuple[str, ...] = (
     "datastates_ckpt",
     "eigenvalue",
     "elasticity",
-    "expert_parallel",
     "hybrid_engine",
     "nebula",
     "progressive_layer_drop",
@@ -119,7 +119,7 @@ class ShardspeedConfig(StrictModel):
     datastates_ckpt: dict[str, Any] | None = None
     eigenvalue: dict[str, Any] | None = None
     elasticity: dict[str, Any] | None = None
-    expert_parallel: dict[str, Any] | None = None
+    expert_parallel: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig)
     hybrid_engine: dict[str, Any] | None = None
     nebula: dict[str, Any] | None = None
     progressive_layer_drop: dict[str, Any] | None = None

@@ -5,7 +5,7 @@ source disagree on a default, the source wins (that is what DeepSpeed users actu
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -192,6 +192,58 @@ class TensorParallelConfig(StrictModel):
     def size_key(self) -> str:
         """`tensor_parallel.autotp_size` or `tensor_parallel.tp_size`, as written."""
         return f"tensor_parallel.{self._size_key}"
+
+
+class ExpertParallelConfig(StrictModel):
+    """DeepSpeed's `expert_parallel` (AutoEP) section: Hugging Face MoE blocks with fused 3-D experts split
+    over `autoep_size` ranks. shardspeed keeps the model's own router (its routing, weights and aux loss
+    are unchanged); keys that would change routing or kernels are accepted at their defaults only."""
+
+    enabled: bool = Field(default=False, description="Split the experts of Hugging Face MoE blocks over ranks.")
+    autoep_size: Int = Field(default=1, ge=1, description="Expert-parallel degree (ranks sharing one set of experts).")
+    expert_tensor_parallel_size: Int = Field(default=1, ge=1, description="Tensor parallelism inside experts (1 only).")
+    validate_folding_routing: bool = Field(default=False, description="DeepSpeed consistency check; nothing to check here.")
+    async_split_plan: bool = Field(default=False, description="DeepSpeed kernel option; no effect.")
+    preset_model: str | None = Field(default=None, description="mixtral, qwen3_moe, qwen2_moe, olmoe: checked against the model.")
+    moe_layer_pattern: str | None = Field(default=None, description="Regex of MoE block names (default: every fused-expert block).")
+    expert_pattern: str | None = Field(default=None, description="Child name of the experts (default: experts).")
+    router_pattern: str | None = Field(default=None, description="Child name of the router (default: gate).")
+    use_grouped_mm: bool = Field(default=True, description="torch._grouped_mm where available; a per-expert loop otherwise.")
+    disable_triton_grouped_mm: bool = Field(default=False, description="DeepSpeed kernel option; no effect.")
+    route_norm: bool | None = Field(default=None, description="Routing override: the model's own only (null).")
+    route_scale: float = Field(default=1.0, description="Routing override: 1.0 only.")
+    score_apply: str = Field(default="auto", description="Routing override: auto only.")
+    combine_impl: str = Field(default="auto", description="auto or weighted_sum (the same sum).")
+    row_weighting_impl: str = Field(default="auto", description="DeepSpeed kernel option; no effect.")
+    gate_up_impl: str = Field(default="separate", description="DeepSpeed kernel option; no effect.")
+    comm_backend: str = Field(default="comm", description="torch.distributed all-to-all-v (comm) only.")
+    comm_num_sm: Int = Field(default=12, description="DeepSpeed kernel option; no effect.")
+    comm_qp_margin: Int = Field(default=4, description="DeepSpeed kernel option; no effect.")
+    comm_max_tokens_per_rank: Int = Field(default=0, description="DeepSpeed kernel option; no effect.")
+    num_expert_groups: Int | None = Field(default=None, description="Routing override: null only.")
+    num_limited_groups: Int | None = Field(default=None, description="Routing override: null only.")
+    score_func: str = Field(default="auto", description="Routing override: auto only.")
+    top_k: Int | str = Field(default="auto", description="Routing override: auto or the model's own top-k.")
+    load_balance_coeff: float | None = Field(default=None, description="null only (as DeepSpeed).")
+    routed_scaling_factor: float | str = Field(default="auto", description="Routing override: auto only.")
+    expert_w1: str | None = Field(default=None, description="Expert weight names: the fused gate_up_proj/down_proj only.")
+    expert_w2: str | None = Field(default=None, description="Expert weight names: the fused gate_up_proj/down_proj only.")
+    expert_w3: str | None = Field(default=None, description="Expert weight names: the fused gate_up_proj/down_proj only.")
+    num_experts_attr: str | None = Field(default=None, description="Attribute holding the expert count (default: num_experts).")
+    top_k_attr: str | None = Field(default=None, description="Attribute holding top-k (default: the router's top_k).")
+    has_shared_experts: bool | None = Field(default=None, description="Shared experts stay dense (replicated).")
+    shared_experts_pattern: str | None = Field(default=None, description="Shared experts stay dense (replicated).")
+    shared_experts_gate_pattern: str | None = Field(default=None, description="Shared experts stay dense (replicated).")
+    expert_activation: str | None = Field(default=None, description="Default: the model's own activation.")
+
+    # Keys that would change the model's routing or experts, and the values that leave them alone.
+    NEUTRAL: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "expert_tensor_parallel_size": (1,), "route_norm": (None,), "route_scale": (1.0,), "score_apply": ("auto",),
+        "combine_impl": ("auto", "weighted_sum"), "comm_backend": ("comm",), "num_expert_groups": (None,),
+        "num_limited_groups": (None,), "score_func": ("auto",), "load_balance_coeff": (None,),
+        "routed_scaling_factor": ("auto",), "expert_w1": (None,), "expert_w2": (None,), "expert_w3": (None,),
+        "expert_activation": (None,),
+    }
 
 
 class MoEConfig(StrictModel):
