@@ -284,21 +284,21 @@ class CometConfig(StrictModel):
 
 
 class FlopsProfilerConfig(StrictModel):
-    enabled: bool = Field(default=False, description="Profile FLOPs at profile_step.")
-    recompute_fwd_factor: float = 0.0
-    profile_step: Int = 1
-    module_depth: Int = -1
-    top_modules: Int = 1
-    detailed: bool = True
-    output_file: str | None = None
+    enabled: bool = Field(default=False, description="Profile one optimizer step on rank 0 and print it (docs/observability.md).")
+    recompute_fwd_factor: float = Field(default=0.0, description="Share of the forward recomputed in backward (activation checkpointing: 1.0), for the step's FLOPs.")
+    profile_step: Int = Field(default=1, description="Profile the step taken when this many optimizer steps are done (1: the second step).")
+    module_depth: Int = Field(default=-1, description="Deepest module level in the aggregated profile (-1: all).")
+    top_modules: Int = Field(default=1, description="Module classes listed per level in the aggregated profile.")
+    detailed: bool = Field(default=True, description="Print the per-module tree.")
+    output_file: str | None = Field(default=None, description="Write the profile to this file instead of stdout.")
 
 
 class CommsLoggerConfig(StrictModel):
-    enabled: bool = False
-    prof_all: bool = True
-    prof_ops: list[str] = Field(default_factory=list)
-    verbose: bool = False
-    debug: bool = False
+    enabled: bool = Field(default=False, description="Time every collective from initialize on; `shardspeed.comm.log_summary()` prints them.")
+    prof_all: bool = Field(default=True, description="Log every kind of collective (off: only those in prof_ops).")
+    prof_ops: list[str] = Field(default_factory=list, description='Collectives to log when prof_all is off (e.g. ["all_reduce"]).')
+    verbose: bool = Field(default=False, description="Also print each collective as it completes (rank 0).")
+    debug: bool = Field(default=False, description="Log each collective under its name and the function that called it.")
 
 
 class CheckpointConfig(StrictModel):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..accelerator import get_accelerator
+from ..comm.dist_api import configure as configure_comms_logger
 from ..comm.topology import Axis, Topology
 from ..config.schema import ShardspeedConfig
 from ..config.unbuilt import NotBuiltError
@@ -27,6 +28,7 @@ from ..monitor import MonitorMaster, WallClockTimers
 from ..offload.optimizer_offload import TIMER_NAMES as OFFLOAD_TIMERS
 from ..optim.loss_scaler import LossScaler
 from ..optim.precision import Precision
+from ..profiling.flops_profiler.step_profile import StepProfile
 from ..tensor_parallel.consolidate import full_state_dict
 from ..tensor_parallel.layers import is_tensor_parallel
 from ..zero import StepResult, ZeroStrategy, build_zero_strategy
@@ -65,6 +67,7 @@ class ShardspeedEngine(torch.nn.Module):
         self.loss_scaler = loss_scaler
         self.training_dataloader = training_dataloader
         self.timers = WallClockTimers(enabled=config.wall_clock_breakdown, rank=self.global_rank)
+        configure_comms_logger(config)  # an enabled `comms_logger` section times every collective from here on
         # Stage 3 partitions parameters even without an optimizer (inference, frozen reference models).
         self.strategy: ZeroStrategy = build_zero_strategy(
             config, module, optimizer, topology, Precision.from_config(config, loss_scaler), self.timers,
@@ -80,6 +83,7 @@ class ShardspeedEngine(torch.nn.Module):
         self._window_losses: list[torch.Tensor] = []
         self._last_print = (time.perf_counter(), 0)
         self.monitor = MonitorMaster(config.tensorboard, config.csv_monitor, config.wandb, rank=self.global_rank)
+        self._flops_step = StepProfile(self, config.flops_profiler)  # the `flops_profiler` section (inert when off)
 
     _is_pipeline = False  # PipelineEngine: the module is one pipeline stage
 
@@ -196,7 +200,8 @@ class ShardspeedEngine(torch.nn.Module):
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs, kwargs = _cast_floats((inputs, kwargs), torch.float16)
         self.timers(FORWARD).start()
-        out = self.module(*inputs, **kwargs)
+        with self._flops_step.forward():
+            out = self.module(*inputs, **kwargs)
         self.timers(FORWARD).stop()
         return out
 
@@ -225,6 +230,7 @@ class ShardspeedEngine(torch.nn.Module):
             self.strategy.zero_grad()
             self.timers(STEP).stop()
             self._after_model_step(result, lr_kwargs)
+            self._flops_step.after_model_step()
         self.micro_steps += 1
         self._boundary_override = None
 

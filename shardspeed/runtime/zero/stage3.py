@@ -1,10 +1,11 @@
-"""DeepSpeed's `deepspeed.runtime.zero.stage3` path: its memory estimators are not built yet."""
+"""DeepSpeed's `deepspeed.runtime.zero.stage3` path: its ZeRO-3 memory estimators
+(shardspeed's ZeRO-3 strategy itself is `shardspeed.zero.stage3`)."""
 from __future__ import annotations
 
-from ...config.unbuilt import unbuilt_function
+from ...profiling.memory_estimators import (estimate_zero3_model_states_mem_needs,
+                                            estimate_zero3_model_states_mem_needs_all_cold,
+                                            estimate_zero3_model_states_mem_needs_all_live)
+from ...profiling.memory_estimators import zero3_model_to_params as model_to_params
 
-_FEATURE = "the ZeRO-3 memory estimators"
-estimate_zero3_model_states_mem_needs_all_live = unbuilt_function(
-    _FEATURE, "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs_all_live")
-estimate_zero3_model_states_mem_needs_all_cold = unbuilt_function(
-    _FEATURE, "deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs_all_cold")
+__all__ = ["estimate_zero3_model_states_mem_needs", "estimate_zero3_model_states_mem_needs_all_cold",
+           "estimate_zero3_model_states_mem_needs_all_live", "model_to_params"]

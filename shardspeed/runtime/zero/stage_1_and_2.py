@@ -1,10 +1,11 @@
-"""DeepSpeed's `deepspeed.runtime.zero.stage_1_and_2` path: its memory estimators are not built yet."""
+"""DeepSpeed's `deepspeed.runtime.zero.stage_1_and_2` path: its ZeRO-2 memory estimators
+(shardspeed's ZeRO-1/2 strategy itself is `shardspeed.zero.partitioned`)."""
 from __future__ import annotations
 
-from ...config.unbuilt import unbuilt_function
+from ...profiling.memory_estimators import (estimate_zero2_model_states_mem_needs,
+                                            estimate_zero2_model_states_mem_needs_all_cold,
+                                            estimate_zero2_model_states_mem_needs_all_live)
+from ...profiling.memory_estimators import zero2_model_to_params as model_to_params
 
-_FEATURE = "the ZeRO-2 memory estimators"
-estimate_zero2_model_states_mem_needs_all_live = unbuilt_function(
-    _FEATURE, "deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs_all_live")
-estimate_zero2_model_states_mem_needs_all_cold = unbuilt_function(
-    _FEATURE, "deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs_all_cold")
+__all__ = ["estimate_zero2_model_states_mem_needs", "estimate_zero2_model_states_mem_needs_all_cold",
+           "estimate_zero2_model_states_mem_needs_all_live", "model_to_params"]
