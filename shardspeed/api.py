@@ -25,6 +25,7 @@ from .config.schema import ShardspeedConfig
 from .moe.hf_expert_parallel import apply_expert_parallel
 from .moe.parallel_setup import (check_moe_config, check_moe_groups, expert_data_axis, moe_layers, moe_param_groups,
                                   regroup_client_optimizer, setup_expert_parallel)
+from .inference.zero_inference import sync_generate_across_ranks
 from .monitor.logs import speak_on_rank0
 from .optim import build_optimizer
 from .optim.loss_scaler import make_loss_scaler
@@ -100,6 +101,8 @@ def initialize(
     engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader,
                           parsed.raw)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)
+    if engine.strategy.partitions_parameters and dist.get_world_size() > 1:
+        sync_generate_across_ranks(model)  # ZeRO-Inference: every forward gathers, so ranks generate in step
     return engine, engine.optimizer, dataloader, engine.lr_scheduler
 
 
@@ -210,8 +213,6 @@ def _check_supported(cfg: ShardspeedConfig) -> None:
         "tensor_parallel.tp_overlap_comm": cfg.tensor_parallel.tp_overlap_comm,
         "tensor_parallel.preset_model": cfg.tensor_parallel.preset_model is not None,
         "tensor_parallel.partition_config": cfg.tensor_parallel.partition_config is not None,
-        "flops_profiler.enabled": cfg.flops_profiler.enabled,
-        "comms_logger.enabled": cfg.comms_logger.enabled,
         "comet.enabled": cfg.comet.enabled,
         "torch_autocast.enabled": cfg.torch_autocast.enabled,
         "sparse_gradients": cfg.sparse_gradients,

@@ -45,7 +45,7 @@ def build_zero_strategy(
     """`norm_scope`: how the gradient norm spans a model replica split over ranks (pipeline, tensor
     parallel); `pipeline`: the module is one stage of a pipeline."""
     zero = cfg.zero_optimization
-    check_zero_config(cfg, module, norm_scope, pipeline)
+    check_zero_config(cfg, module, norm_scope, pipeline, optimizer is not None)
     if optimizer is not None and zero.stage > 0:
         check_partitionable(optimizer, cfg.zero_allow_untested_optimizer)
     comm = param_group_comm(topology, optimizer, cfg.use_data_before_expert_parallelism)
@@ -94,10 +94,11 @@ def moe_group_ep_size(group: dict[str, Any], index: int) -> int:
     return int(name[len(prefix):])
 
 
-def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope: NormScope, pipeline: bool) -> None:
+def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope: NormScope, pipeline: bool,
+                      has_optimizer: bool = True) -> None:
     """Combinations of the ZeRO stage with the rest of the job that shardspeed refuses, naming the keys."""
     zero = cfg.zero_optimization
-    _check_param_offload(cfg)
+    _check_param_offload(cfg, has_optimizer)
     if zero.stage < 3 and any(is_partitioned(p) for p in module.parameters()):
         raise ConfigError(f"the model was built under shardspeed.zero.Init (its parameters are partitioned) but "
                           f"`zero_optimization.stage` is {zero.stage}; set it to 3")
@@ -113,7 +114,7 @@ def check_zero_config(cfg: ShardspeedConfig, module: torch.nn.Module, norm_scope
                           "optimizer states); set `zero_optimization.stage` to 1 or higher, or offload_optimizer.device to \"none\"")
 
 
-def _check_param_offload(cfg: ShardspeedConfig) -> None:
+def _check_param_offload(cfg: ShardspeedConfig, has_optimizer: bool = True) -> None:
     zero = cfg.zero_optimization
     section = zero.offload_param
     if section is None or section.device == "none":
@@ -126,7 +127,8 @@ def _check_param_offload(cfg: ShardspeedConfig) -> None:
             raise ConfigError("`zero_optimization.offload_param.nvme_path` must name a folder on a fast local disk when "
                               "offload_param.device is \"nvme\"")
         optimizer_section = zero.offload_optimizer
-        if optimizer_section is None or optimizer_section.device == "none":
+        # Only an engine that steps needs the optimizer offloaded (ZeRO-Inference streams weights alone).
+        if (optimizer_section is None or optimizer_section.device == "none") and (cfg.optimizer is not None or has_optimizer):
             raise ConfigError("`zero_optimization.offload_param.device` \"nvme\" needs the optimizer offloaded too: set "
                               "`zero_optimization.offload_optimizer.device` to \"cpu\" or \"nvme\"")
 

@@ -58,6 +58,10 @@ BUILT: list[tuple[str, str]] = [
     *[("moe.sharded_moe", n) for n in ("TopKGate", "MOELayer", "top1gating", "top2gating", "topkgating")],
     *[("moe.utils", n) for n in ("is_moe_param", "split_params_into_different_moe_groups_for_optimizer")],
     ("accelerator", "get_accelerator"),
+    # the inference engine (guide §10)
+    *[("", n) for n in ("init_inference", "default_inference_config", "InferenceEngine")],
+    ("inference.engine", "InferenceEngine"),
+    ("inference.config", "DeepSpeedInferenceConfig"),
     # deepspeed.utils.groups (expert parallelism)
     *[("utils.groups", n) for n in ("_create_expert_and_data_parallel", "_get_expert_parallel_group",
                                      "_get_expert_data_parallel_group", "_get_expert_parallel_world_size",
@@ -67,23 +71,23 @@ BUILT: list[tuple[str, str]] = [
                                      "_get_expert_broadcast_src_rank", "_get_data_parallel_group")],
     # the launcher (accelerate commands/launch.py, in the launcher process)
     ("launcher.runner", "DEEPSPEED_ENVIRONMENT_NAME"), ("launcher.runner", "main"),
+    # observability (guide §13): FLOPs profiler, comms logger, ZeRO memory estimators
+    *[("profiling.flops_profiler", n) for n in ("get_model_profile", "FlopsProfiler", "number_to_string", "macs_to_string",
+                                                "flops_to_string", "params_to_string", "duration_to_string")],
+    *[("comm", n) for n in ("log_summary", "configure", "reset_log", "has_comm_data", "get_comm_operation_count",
+                            "get_logged_comm_ops", "comms_logger")],
+    *[("runtime.zero.stage_1_and_2", n) for n in ("estimate_zero2_model_states_mem_needs_all_live",
+                                                  "estimate_zero2_model_states_mem_needs_all_cold",
+                                                  "estimate_zero2_model_states_mem_needs", "model_to_params")],
+    *[("runtime.zero.stage3", n) for n in ("estimate_zero3_model_states_mem_needs_all_live",
+                                           "estimate_zero3_model_states_mem_needs_all_cold",
+                                           "estimate_zero3_model_states_mem_needs", "model_to_params")],
 ]
 
 # (module, name, words the NotImplementedError must contain)
 UNBUILT: list[tuple[str, str, str]] = [
-    ("", "init_inference", "inference engine"),
-    ("", "default_inference_config", "inference engine"),
-    ("", "InferenceEngine", "inference engine"),
     ("", "DeepSpeedHybridEngine", "hybrid engine"),
-    ("inference.engine", "InferenceEngine", "inference engine"),
     ("runtime.hybrid_engine", "DeepSpeedHybridEngine", "hybrid engine"),
-    ("profiling.flops_profiler", "get_model_profile", "FLOPs profiler"),
-    ("profiling.flops_profiler", "FlopsProfiler", "FLOPs profiler"),
-    ("runtime.zero.stage3", "estimate_zero3_model_states_mem_needs_all_live", "memory estimators"),
-    ("runtime.zero.stage3", "estimate_zero3_model_states_mem_needs_all_cold", "memory estimators"),
-    ("runtime.zero.stage_1_and_2", "estimate_zero2_model_states_mem_needs_all_live", "memory estimators"),
-    ("runtime.zero.stage_1_and_2", "estimate_zero2_model_states_mem_needs_all_cold", "memory estimators"),
-    ("comm", "log_summary", "comms logger"),
     ("utils.groups", "_get_sequence_parallel_group", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPAttentionHF", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPDataLoaderAdapter", "sequence parallelism"),

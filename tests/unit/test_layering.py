@@ -36,7 +36,8 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level:
             base = list(rel.parent.parts)[:len(rel.parent.parts) - (node.level - 1)]
             parts = base + (node.module.split(".") if node.module else [])
-            found.add(parts[0] if parts else "(root)")
+            # a module beside the packages (api.py, inference_api.py) belongs to the root layer
+            found.add(parts[0] if parts and not (ROOT / f"{parts[0]}.py").exists() else "(root)")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("shardspeed."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
