@@ -32,6 +32,7 @@ from .optim.loss_scaler import make_loss_scaler
 from .pipe import PipelineEngine, PipelineModule
 from .runtime.dataloader import ShardspeedDataLoader
 from .runtime.engine import ShardspeedEngine
+from .runtime.hybrid_engine import DeepSpeedHybridEngine
 from .runtime.lr_schedules import build_lr_scheduler
 from .tensor_parallel import auto_tp
 from .zero.factory import stage3_with_model_parallel
@@ -98,6 +99,10 @@ def initialize(
         dataloader = ShardspeedDataLoader(training_data, cfg.train_micro_batch_size_per_gpu, dp.rank, dp.size,
                                           collate_fn=collate_fn, drop_last=cfg.dataloader_drop_last)
     engine_class: type[ShardspeedEngine] = PipelineEngine if pipeline else ShardspeedEngine  # Pipeline: model is a PipelineModule
+    if cfg.hybrid_engine.enabled:
+        if pipeline:
+            raise ConfigError("`hybrid_engine.enabled` with a PipelineModule is not supported (as in DeepSpeed); turn one off")
+        engine_class = DeepSpeedHybridEngine
     engine = engine_class(model, cfg, topology, base_optimizer, None, make_loss_scaler(cfg.fp16), dataloader,
                           parsed.raw)
     engine.lr_scheduler = _make_scheduler(lr_scheduler, engine.optimizer, cfg)

@@ -19,6 +19,7 @@ from .sections import (
     FlopsProfilerConfig,
     FP16Config,
     ExpertParallelConfig,
+    HybridEngineConfig,
     MoEConfig,
     OptimizerConfig,
     PipelineConfig,
@@ -43,7 +44,6 @@ UNIMPLEMENTED_SECTIONS: tuple[str, ...] = (
     "datastates_ckpt",
     "eigenvalue",
     "elasticity",
-    "hybrid_engine",
     "nebula",
     "progressive_layer_drop",
     "quantize_training",
@@ -120,7 +120,7 @@ class ShardspeedConfig(StrictModel):
     eigenvalue: dict[str, Any] | None = None
     elasticity: dict[str, Any] | None = None
     expert_parallel: ExpertParallelConfig = Field(default_factory=ExpertParallelConfig)
-    hybrid_engine: dict[str, Any] | None = None
+    hybrid_engine: HybridEngineConfig = Field(default_factory=HybridEngineConfig)
     nebula: dict[str, Any] | None = None
     progressive_layer_drop: dict[str, Any] | None = None
     quantize_training: dict[str, Any] | None = None

@@ -246,6 +246,17 @@ class ExpertParallelConfig(StrictModel):
     }
 
 
+class HybridEngineConfig(StrictModel):
+    """DeepSpeed's `hybrid_engine` section (RLHF: one engine that trains and generates)."""
+
+    enabled: bool = Field(default=False, description="initialize returns a DeepSpeedHybridEngine whose generate is fast under ZeRO-3.")
+    max_out_tokens: Int = Field(default=512, ge=1, description="Longest sequence (prompt + new tokens) generate may produce.")
+    inference_tp_size: Int = Field(default=1, ge=1, description="Tensor parallelism while generating (1 only, for now).")
+    release_inference_cache: bool = Field(default=False, description="Free generation buffers after each generate (nothing is kept here).")
+    pin_parameters: bool = Field(default=True, description="ZeRO-3: gather every parameter once per generate call, no collective while decoding.")
+    tp_gather_partition_size: Int = Field(default=8, ge=1, description="DeepSpeed's gather granularity for inference_tp_size > 1 (unused).")
+
+
 class MoEConfig(StrictModel):
     enabled: bool = Field(default=False, description="Mixture-of-experts training.")
     ep_size: Int = Field(default=1, description="Expert-parallel degree.")

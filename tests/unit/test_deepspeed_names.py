@@ -58,6 +58,9 @@ BUILT: list[tuple[str, str]] = [
     *[("moe.sharded_moe", n) for n in ("TopKGate", "MOELayer", "top1gating", "top2gating", "topkgating")],
     *[("moe.utils", n) for n in ("is_moe_param", "split_params_into_different_moe_groups_for_optimizer")],
     ("accelerator", "get_accelerator"),
+    # the RLHF hybrid engine (guide §11)
+    ("", "DeepSpeedHybridEngine"),
+    ("runtime.hybrid_engine", "DeepSpeedHybridEngine"),
     # the inference engine (guide §10)
     *[("", n) for n in ("init_inference", "default_inference_config", "InferenceEngine")],
     ("inference.engine", "InferenceEngine"),
@@ -86,8 +89,6 @@ BUILT: list[tuple[str, str]] = [
 
 # (module, name, words the NotImplementedError must contain)
 UNBUILT: list[tuple[str, str, str]] = [
-    ("", "DeepSpeedHybridEngine", "hybrid engine"),
-    ("runtime.hybrid_engine", "DeepSpeedHybridEngine", "hybrid engine"),
     ("utils.groups", "_get_sequence_parallel_group", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPAttentionHF", "sequence parallelism"),
     ("runtime.sequence_parallel.ulysses_sp", "UlyssesSPDataLoaderAdapter", "sequence parallelism"),
