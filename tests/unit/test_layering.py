@@ -19,12 +19,14 @@ LAYER = {
     "comm": 2,
     "optim": 3,
     "offload": 4,
-    "zero": 5, "tensor_parallel": 5, "checkpointing": 5, "moe": 5, "profiling": 5,
+    "zero": 5, "tensor_parallel": 5, "checkpointing": 5, "moe": 5,
+    "profiling": 5.5,  # above zero/ (its planner reads ZeRO's layouts), below runtime/ (the engine runs the FLOPs profiler)
     "runtime": 6,
     "pipe": 7, "inference": 7,
     "checkpoint": 8, "ops": 8, "launcher": 8,
     "utils": 9,  # DeepSpeed's `deepspeed.utils` namespace: re-exports from anywhere, imported by nothing inside
     "(root)": 10,
+    "chat": 11,  # DeepSpeed-Chat's library: builds engines with `initialize`, so it sits above the root api
 }
 
 
