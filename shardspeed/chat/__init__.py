@@ -11,6 +11,8 @@
 | `dpo`, `grpo` | DPO (DeepSpeed-Chat's step-2 alternative) and GRPO (TRL's formulas) with small trainers | `training/step2_dpo_finetuning/main.py`; (TRL) |
 | `utils` | `moving_average` (the EMA actor), generation through an engine | `dschat/utils/utils.py` |
 | `rewards` | Python reward functions; `CallableReward`, one in the reward model's place | — |
+| `step1_sft`, `step2_reward`, `step3_ppo` | the three steps as command lines (`python -m shardspeed.chat.step1_sft ...`) | `training/step{1,2,3}_*/main.py` |
+| `data`, `cli` | local prompt/chosen/rejected JSON, `--data_split` phases, collators; the steps' shared arguments and saving | `dschat/utils/data/data_utils.py`, `dschat/utils/utils.py` |
 | `arguments` | step 3's argument defaults (`STEP3_DEFAULTS`), read when `args` lacks an attribute | `training/step3_rlhf_finetuning/main.py` |
 
 Nothing is imported here: `from shardspeed.chat.ppo_trainer import DeepSpeedPPOTrainer` loads what it needs.
