@@ -39,6 +39,52 @@ class DeepSpeedHybridEngine(ShardspeedEngine):
         self._hybrid = section
         self.generate_time = 0.0
         self.gather_time = 0.0
+        # DeepSpeed's per-iteration report: from one eval() to the next, how much went to gathering,
+        # generating and training (an RLHF iteration is eval -> generate -> train -> step -> eval).
+        self._cycle_start: float | None = None
+        self._training_since: float | None = None
+        self.training_time = 0.0
+        self._cycles = 0
+        self._total_latency = 0.0
+
+    def eval(self) -> "DeepSpeedHybridEngine":
+        """Generation mode; prints the last iteration's timing line on rank 0, as DeepSpeed's hybrid engine."""
+        now = time.perf_counter()
+        if self._cycle_start is not None:
+            latency = now - self._cycle_start
+            self._cycles += 1
+            self._total_latency += latency
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(self.latency_line(latency), flush=True)
+        self._cycle_start = now
+        self.training_time = 0.0
+        self._training_since = None
+        super().eval()
+        return self
+
+    def train(self, mode: bool = True) -> "DeepSpeedHybridEngine":
+        super().train(mode)
+        if mode:
+            self._training_since = time.perf_counter()
+        return self
+
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        super().step(lr_kwargs)
+        if self._training_since is not None:
+            now = time.perf_counter()
+            self.training_time += now - self._training_since
+            self._training_since = now
+
+    def latency_line(self, latency: float) -> str:
+        """`|E2E latency=..s |Gather latency=..s (..%) |Generate time=.. |Training time=.. |Others=..`."""
+        generate = max(self.generate_time - self.gather_time, 0.0)
+        others = latency - (generate + self.gather_time + self.training_time)
+
+        def part(value: float) -> str:
+            return f"{value:.2f}s ({value / latency * 100:.2f}%)" if latency > 0 else f"{value:.2f}s"
+
+        return (f"|E2E latency={latency:.2f}s |Gather latency={part(self.gather_time)} |Generate time={part(generate)} "
+                f"|Training time={part(self.training_time)} |Others={part(others)}")
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The module's `generate`, with ZeRO-3's parameters gathered once (pinned) or per layer."""
@@ -48,6 +94,7 @@ class DeepSpeedHybridEngine(ShardspeedEngine):
         generate = type(module).generate.__get__(module)  # the class's own, not a wrapper set on the instance
         was_training = module.training
         module.eval()
+        self.gather_time = 0.0
         start = time.perf_counter()
         try:
             with torch.no_grad():

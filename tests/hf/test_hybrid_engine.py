@@ -118,6 +118,33 @@ def test_ranks_stopping_at_different_steps_finish(tmp_path: Path, pin: bool) -> 
     assert all(run_distributed(_early_stop, 2, tmp_path, pin, deadline=120))
 
 
+def _timing_line() -> str:
+    import contextlib
+    import io
+
+    model = _model("gpt2")
+    engine, *_ = shardspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(3))
+    ids = torch.randint(4, 80, (1, 6), generator=torch.Generator().manual_seed(0))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for _ in range(2):
+            engine.eval()
+            engine.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            engine.train()
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        engine.eval()
+    engine.destroy()
+    return printed.getvalue()
+
+
+def test_eval_prints_deepspeeds_iteration_timing_line(tmp_path: Path) -> None:
+    lines = [line for line in run_distributed(_timing_line, 1, tmp_path, deadline=60)[0].splitlines() if line.startswith("|E2E")]
+    assert len(lines) == 2, lines
+    for name in ("|E2E latency=", "|Gather latency=", "|Generate time=", "|Training time=", "|Others="):
+        assert name in lines[0], lines[0]
+
+
 def _lora_cycles() -> bool:
     from peft import LoraConfig, get_peft_model
 
