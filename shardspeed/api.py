@@ -30,6 +30,7 @@ from .monitor.logs import speak_on_rank0
 from .optim import build_optimizer
 from .optim.loss_scaler import make_loss_scaler
 from .pipe import PipelineEngine, PipelineModule
+from .profiling.planner.auto import zero_planner
 from .runtime.dataloader import ShardspeedDataLoader
 from .runtime.engine import ShardspeedEngine
 from .runtime.hybrid_engine import DeepSpeedHybridEngine
@@ -67,7 +68,8 @@ def initialize(
     speak_on_rank0(dist.get_rank())
     tp_size, tp_key = max(1, parsed.cfg.tensor_parallel.autotp_size), parsed.cfg.tensor_parallel.size_key
     cfg = complete_config(parsed, ResolveContext(_data_parallel_size(model, mpu, tp_size, tp_key), _model_dtype(model),
-                                                 _hidden_size(model)))
+                                                 _hidden_size(model), zero_planner(model, training_data, tp_size > 1 or
+                                                                                   isinstance(model, PipelineModule))))
     if tp_size > 1 and cfg.zero_optimization.stage == 3:
         raise ConfigError(stage3_with_model_parallel(tp_key))  # before AutoTP shards the model
     topology = _topology(model, mpu, tp_size, tp_key)

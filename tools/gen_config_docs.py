@@ -49,8 +49,10 @@ JSON file, or a JSON string. The config is parsed once, strictly:
 `"auto"` is accepted where shardspeed can infer the value: the three batch-size keys (by the rule
 above), `fp16.enabled` / `bf16.enabled` (from the model's dtype), `zero_optimization.reduce_bucket_size`,
 `stage3_prefetch_bucket_size` and `stage3_param_persistence_threshold` (from the model's hidden size:
-h², 0.9·h² and 10·h), and `scheduler.params.warmup_max_lr` (from `optimizer.params.lr`). Any other
-`"auto"` is an error naming every such key.
+h², 0.9·h² and 10·h), `scheduler.params.warmup_max_lr` (from `optimizer.params.lr`), and
+`zero_optimization.stage` / `zero_optimization.offload_optimizer`, which the planner chooses at `initialize`:
+the lowest stage predicted to fit the memory budget, the optimizer offloaded only if no stage fits without
+(docs/observability.md, "The planner"). Any other `"auto"` is an error naming every such key.
 """
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class ResolveContext:
     dp_world_size: int = 1
     model_dtype: torch.dtype | None = None
     hidden_size: int | None = None
+    # Fills "auto" in `zero_optimization.stage` / `.offload_optimizer` (cfg, those keys, dp size) once the batch
+    # sizes are complete: the planner, which needs the model, handed in by `initialize` (it sits above config/).
+    zero_planner: Callable[[ShardspeedConfig, frozenset[str], int], None] | None = None
 
 
 def read_config(config: dict[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
@@ -131,12 +135,14 @@ def resolve_autos(cfg: ShardspeedConfig, autos: set[str], ctx: ResolveContext) -
         raise ConfigError(
             f'config keys {keys} are "auto", which shardspeed cannot infer here; write a value. '
             '("auto" is filled for the batch sizes, fp16/bf16.enabled from the model dtype, '
-            "zero bucket sizes from the model's hidden_size, and scheduler warmup_max_lr from optimizer lr.)"
+            "zero bucket sizes from the model's hidden_size, scheduler warmup_max_lr from optimizer lr, and "
+            "zero_optimization.stage / offload_optimizer by the planner at initialize.)"
         )
     cfg._auto_keys = frozenset(autos)
 
 
 _BATCH_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+_PLANNED = frozenset({"zero_optimization.stage", "zero_optimization.offload_optimizer"})  # by ctx.zero_planner
 # Keys whose typed field holds "auto" itself (DeepSpeed's own default value there).
 _LITERAL_AUTO = {"pipeline.stages", "data_types.keep_in_fp32_modules"}
 
@@ -147,6 +153,8 @@ def _resolve_one(cfg: ShardspeedConfig, key: str, ctx: ResolveContext) -> bool:
         return True  # left unset; the batch triangle completes it from the others
     if key in _LITERAL_AUTO:
         return True  # the field's default is "auto" already
+    if key in _PLANNED and ctx.zero_planner is not None:
+        return True  # planned in complete_config, once the batch sizes are known
     if key in ("fp16.enabled", "bf16.enabled", "bfloat16.enabled") and ctx.model_dtype is not None:
         section = cfg.fp16 if key.startswith("fp16") else cfg.bf16
         section.enabled = ctx.model_dtype == (torch.float16 if key.startswith("fp16") else torch.bfloat16)
@@ -212,6 +220,8 @@ def complete_config(parsed: ParsedConfig, ctx: ResolveContext | None = None) -> 
     resolve_autos(cfg, set(parsed.autos), ctx)
     check_unimplemented(cfg)  # "auto" may have switched fp16 or bf16 on
     complete_batch_sizes(cfg, ctx.dp_world_size)
+    if parsed.autos & _PLANNED and ctx.zero_planner is not None:
+        ctx.zero_planner(cfg, parsed.autos & _PLANNED, ctx.dp_world_size)
     return cfg
 
 

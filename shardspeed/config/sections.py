@@ -108,6 +108,7 @@ class ZeroConfig(StrictModel):
     log_trace_cache_warnings: bool = Field(default=False, description="Stage 3: warn when the prefetch trace is invalidated.")
     enable_sanity_checks: bool = Field(default=False, description="Stage 3 sanity checks.")
     save_muon_momentum_buffer_in_memory: bool = Field(default=False, description="Muon optimizer knob.")
+    auto_memory_budget: Int | None = Field(default=None, description='shardspeed: bytes per rank that `stage` / `offload_optimizer` "auto" must fit (default: the accelerator\'s memory; on a CPU machine the available host memory / ranks per node).')
     leaf_module: dict[str, Any] = Field(
         default_factory=lambda: {"classes": list(DEFAULT_LEAF_CLASSES), "names": [], "name_suffixes": []},
         description="Stage 3: modules fetched whole instead of per submodule (classes, names, name_suffixes).",

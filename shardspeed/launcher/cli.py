@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "shardspeed.launcher.report:main",
     "zero-to-fp32": "shardspeed.checkpoint.zero_to_fp32:main",
     "install-deepspeed-alias": "shardspeed.launcher.alias:main",
+    "plan": "shardspeed.launcher.plan:main",
 }
 """`shardspeed NAME args...` -> the `main(argv) -> int` at "module:function" (imported on use).
 Register a new subcommand here, e.g. "zero-to-fp32": "shardspeed.checkpoint.zero_to_fp32:main"."""
