@@ -131,7 +131,10 @@ class ParameterManager:
         units = self.module_units[module]
         for unit in units:
             unit.users -= 1
-            if unit.users == 0:
+            # A forward inside backward is activation checkpointing's recompute (non-reentrant: the
+            # recomputed ops keep references to the gathered weights): the unit stays until its
+            # gradients are in (grad_consumed) or the step ends.
+            if unit.users == 0 and not self._in_backward:
                 self._after_forward_use(unit)
         if units and torch.is_grad_enabled():
             output = wrap_outputs(output, self, module)
