@@ -161,6 +161,25 @@ def loader(dataset: Sequence[Any], batch_size: int, seed: int, shuffle: bool,
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)  # type: ignore[arg-type]
 
 
+def step_data(args: argparse.Namespace, phase: int, build: Callable[..., Sequence[Any]],
+              collate: Callable[..., Any] | None = None) -> tuple[Any, list[Any], list[Any], DataLoader, DataLoader]:
+    """What steps 1 and 2 begin with: processes, seed, tokenizer, this phase's rows and their loaders.
+    `build(rows, tokenizer, max_seq_len, eot)` makes a dataset of the step's kind."""
+    from ..comm.init import init_distributed
+    from .data import phase_rows
+
+    init_distributed()
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    eot = args.eot_token if args.add_eot_token else ""
+    train_rows, eval_rows = phase_rows(args.data_path, args.data_split, phase, args.seed)
+    train_loader = loader(build(train_rows, tokenizer, args.max_seq_len, eot), args.per_device_train_batch_size,
+                          args.seed, shuffle=True, collate=collate)
+    eval_loader = loader(build(eval_rows, tokenizer, args.max_seq_len, eot), args.per_device_eval_batch_size,
+                         args.seed, shuffle=False, collate=collate)
+    return tokenizer, train_rows, eval_rows, train_loader, eval_loader
+
+
 def set_epoch(data: DataLoader, epoch: int) -> None:
     """Reshuffle a `loader`'s rows for `epoch` (the same order on every rank)."""
     if isinstance(data.sampler, DistributedSampler):

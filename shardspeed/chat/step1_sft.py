@@ -16,10 +16,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..comm.init import init_distributed
-from .cli import (add_data_args, add_train_args, apply_lora, check_common_args, load_tokenizer, loader, log, result,
-                  save_hf_format, set_epoch, to_device, train_engine)
-from .data import phase_rows, sft_dataset
+from .cli import (add_data_args, add_train_args, apply_lora, check_common_args, log, result, save_hf_format, set_epoch,
+                  step_data, to_device, train_engine)
+from .data import sft_dataset
 from .model_utils import create_hf_model
 
 
@@ -51,15 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     args = parse_args(argv)
-    init_distributed()
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    eot = args.eot_token if args.add_eot_token else ""
-    train_rows, eval_rows = phase_rows(args.data_path, args.data_split, 1, args.seed)
-    train_loader = loader(sft_dataset(train_rows, tokenizer, args.max_seq_len, eot), args.per_device_train_batch_size,
-                          args.seed, shuffle=True)
-    eval_loader = loader(sft_dataset(eval_rows, tokenizer, args.max_seq_len, eot), args.per_device_eval_batch_size,
-                         args.seed, shuffle=False)
+    tokenizer, train_rows, eval_rows, train_loader, eval_loader = step_data(args, 1, sft_dataset)
     model = create_hf_model(AutoModelForCausalLM, args.model_name_or_path, tokenizer, dropout=args.dropout)
     model = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora)
     if args.gradient_checkpointing:

@@ -19,10 +19,9 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..comm.init import init_distributed
-from .cli import (add_data_args, add_train_args, apply_lora, check_common_args, load_tokenizer, loader, log, result,
-                  save_hf_format, set_epoch, to_device, train_engine)
-from .data import collate_pairs, pair_dataset, phase_rows
+from .cli import (add_data_args, add_train_args, apply_lora, check_common_args, log, result, save_hf_format, set_epoch,
+                  step_data, to_device, train_engine)
+from .data import collate_pairs, pair_dataset
 from .model_utils import create_critic_model
 
 
@@ -61,15 +60,7 @@ def evaluation_reward(engine: Any, eval_loader: Any, eval_iters: int) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    init_distributed()
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    eot = args.eot_token if args.add_eot_token else ""
-    train_rows, eval_rows = phase_rows(args.data_path, args.data_split, 2, args.seed)
-    train_loader = loader(pair_dataset(train_rows, tokenizer, args.max_seq_len, eot), args.per_device_train_batch_size,
-                          args.seed, shuffle=True, collate=collate_pairs)
-    eval_loader = loader(pair_dataset(eval_rows, tokenizer, args.max_seq_len, eot), args.per_device_eval_batch_size,
-                         args.seed, shuffle=False, collate=collate_pairs)
+    tokenizer, train_rows, eval_rows, train_loader, eval_loader = step_data(args, 2, pair_dataset, collate_pairs)
     model = create_critic_model(args.model_name_or_path, tokenizer, num_padding_at_beginning=args.num_padding_at_beginning,
                                 dropout=args.dropout, compute_fp32_loss=args.compute_fp32_loss)
     trained = apply_lora(model, args.lora_dim, args.lora_module_name, args.only_optimize_lora, keep=["v_head.weight"])

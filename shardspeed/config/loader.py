@@ -85,19 +85,25 @@ def parse_config(raw: dict[str, Any]) -> ShardspeedConfig:
 
 
 def _describe(err: ValidationError) -> str:
+    return describe_validation_error(err, ShardspeedConfig, "ds_config")
+
+
+def describe_validation_error(err: ValidationError, root: type[StrictModel], what: str) -> str:
+    """Every problem of a config validated against `root`, each naming its dotted key (an unknown key with
+    the closest valid one)."""
     lines = []
     for problem in err.errors():
         loc = [str(part) for part in problem["loc"]]
         if problem["type"] == "extra_forbidden":
-            section = _section_at(ShardspeedConfig, loc[:-1])
+            section = _section_at(root, loc[:-1])
             candidates = section.accepted_keys() if section else []
             message = unknown_key_message(".".join(loc[:-1]), loc[-1], candidates)
-            if len(loc) > 1 and loc[-1] in ShardspeedConfig.accepted_keys():
+            if len(loc) > 1 and loc[-1] in root.accepted_keys():
                 message += f" (`{loc[-1]}` is a top-level section: move it out of `{'.'.join(loc[:-1])}`)"
             lines.append(message)
         else:
             lines.append(f"config key `{'.'.join(loc)}`: {problem['msg']} (got {problem.get('input')!r})")
-    return "invalid ds_config:\n  " + "\n  ".join(lines)
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
 
 
 def _section_at(root: type[StrictModel], loc: list[str]) -> type[StrictModel] | None:

@@ -18,7 +18,8 @@ import torch
 from pydantic import Field, ValidationError, field_validator
 
 from ..config.base import Int, StrictModel
-from ..config.errors import ConfigError, unknown_key_message
+from ..config.errors import ConfigError
+from ..config.loader import describe_validation_error
 
 logger = logging.getLogger("shardspeed")
 
@@ -215,24 +216,7 @@ def parse_inference_config(config: Any = None, **kwargs: Any) -> DeepSpeedInfere
     try:
         return DeepSpeedInferenceConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_describe(err)) from None
-
-
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for problem in err.errors():
-        loc = [str(part) for part in problem["loc"]]
-        if problem["type"] == "extra_forbidden":
-            section: type[StrictModel] = DeepSpeedInferenceConfig
-            for part in loc[:-1]:
-                field = next((f for n, f in section.model_fields.items() if part in (n, f.alias)), None)
-                annotation = getattr(field, "annotation", None)
-                section = annotation if isinstance(annotation, type) and issubclass(annotation, StrictModel) else section
-            lines.append(unknown_key_message(".".join(loc[:-1]), loc[-1], section.accepted_keys()).replace(
-                "config key", "inference config key"))
-        else:
-            lines.append(f"inference config key `{'.'.join(loc)}`: {problem['msg']} (got {problem.get('input')!r})")
-    return "invalid inference config:\n  " + "\n  ".join(lines)
+        raise ConfigError(describe_validation_error(err, DeepSpeedInferenceConfig, "inference config")) from None
 
 
 __all__ = ["DeepSpeedInferenceConfig", "DeepSpeedMoEConfig", "DeepSpeedTPConfig", "QuantizationConfig",
