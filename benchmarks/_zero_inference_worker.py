@@ -34,7 +34,6 @@ reads after the first token come from the page cache, as accelerate's do.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -223,8 +222,8 @@ def run_shardspeed(args: argparse.Namespace, result: dict[str, Any]) -> tuple[An
     import shardspeed.offload.swap_space as swap_space
     from transformers import LlamaForCausalLM
 
-    if args.buffered_swap:  # SwapSpace binds its o_direct default at definition: rebind it for this process
-        setattr(swap_space.SwapSpace, "__init__", functools.partialmethod(swap_space.SwapSpace.__init__, o_direct=False))
+    if args.buffered_swap:
+        swap_space.USE_O_DIRECT = False
     warm_up_generation()
     skeleton = meta_skeleton(args)
     largest = max(p.numel() for p in skeleton.parameters())

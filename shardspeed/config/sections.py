@@ -81,7 +81,7 @@ class ZeroConfig(StrictModel):
     cpu_offload_param: bool | None = Field(default=None, description="Deprecated: use offload_param.device=cpu.")
     cpu_offload_use_pin_memory: bool | None = Field(default=None, description="Deprecated: use offload_*.pin_memory.")
     prefetch_bucket_size: Int = Field(default=50_000_000, alias="stage3_prefetch_bucket_size", description="Stage 3: elements prefetched ahead of use.")
-    param_persistence_threshold: Int = Field(default=100_000, alias="stage3_param_persistence_threshold", description="Stage 3: parameters smaller than this stay whole.")
+    param_persistence_threshold: Int = Field(default=100_000, alias="stage3_param_persistence_threshold", description="Stage 3: parameters of at most this many elements stay whole.")
     model_persistence_threshold: Int = Field(default=2**63 - 1, alias="stage3_model_persistence_threshold", description="Stage 3: cap on elements kept whole.")
     max_live_parameters: Int = Field(default=1_000_000_000, alias="stage3_max_live_parameters", description="Stage 3: most elements gathered at once.")
     max_reuse_distance: Int = Field(default=1_000_000_000, alias="stage3_max_reuse_distance", description="Stage 3: keep a parameter gathered if reused within this many elements.")

@@ -56,7 +56,7 @@ SWAP_FOLDER = "shardspeed_swap"
 REGION_ALIGNMENT = 4096  # bytes: every region starts and ends on a page, so O_DIRECT can serve it
 GIB = float(1 << 30)
 
-USE_O_DIRECT = True  # measured, see the module docstring
+USE_O_DIRECT = True  # measured, see the module docstring; read by each new SwapSpace
 
 
 class NvmeSwapError(ConfigError):
@@ -133,7 +133,7 @@ class SwapSpace:
 
     def __init__(self, nvme_path: str | None, kind: str, rank: int, regions: dict[Hashable, int], aio: AsyncIO,
                  fast_init: bool = False, *, config_key: str = "zero_optimization.offload_optimizer.nvme_path",
-                 o_direct: bool = USE_O_DIRECT) -> None:
+                 o_direct: bool | None = None) -> None:
         self._aio, self._key = aio, config_key
         self._offsets: dict[Hashable, tuple[int, int]] = {}  # key -> (file offset, capacity)
         cursor = 0
@@ -151,7 +151,7 @@ class SwapSpace:
         self._state = _State(self.path)
         self._finalizer = weakref.finalize(self, _cleanup, self._state)
         self._state.fd = os.open(self.path, os.O_RDWR)
-        if o_direct:
+        if USE_O_DIRECT if o_direct is None else o_direct:  # read now, so setting the module flag later counts
             self._state.direct_fd = _open_direct(self.path)
         self.path.unlink()  # open descriptors keep the file; no exit can leave its name behind
         self._allocate(fast_init)

@@ -1,7 +1,7 @@
 """How stage 3 cuts a model into units: what is gathered together, what stays whole, where shards live.
 
 A unit is the parameters one module needs, of one group key (an optimizer param group, or frozen),
-gathered and released together. Parameters smaller than `stage3_param_persistence_threshold` (up to
+gathered and released together. Parameters of at most `stage3_param_persistence_threshold` elements (up to
 `stage3_model_persistence_threshold` elements in all) are pooled into one persistent unit per key,
 kept gathered. Leaf modules (`leaf_module`, `stage3_module_granularity_threshold`) are fetched whole,
 with every submodule's parameters. Each key's resident shards lie end to end in one flat buffer, in
@@ -76,7 +76,7 @@ def plan_units(module: torch.nn.Module, group_of: dict[torch.nn.Parameter, int],
                 continue
             seen.add(p)
             numel = p.ds_numel if is_partitioned(p) else p.numel()
-            if numel < persistence_threshold and numel <= budget:
+            if numel <= persistence_threshold and numel <= budget:  # DeepSpeed's rule: `ds_numel <= threshold`
                 budget -= numel
                 persistent.setdefault(key(p), []).append(p)
             else:
