@@ -8,7 +8,12 @@ Updated partitions (after an optimizer step) are copied into a pool buffer and w
 asynchronously; a read of a region waits for an earlier write to it (`SwapSpace` orders them).
 
 So the memory these partitions take is the pool, `buffer_count` buffers of the largest unit's
-partition, whatever the model's size. DeepSpeed's `buffer_size` is the most elements a buffer may
+partition, whatever the model's size. Where a unit's partition is its whole weights (its group has
+one rank) and the gathered weights are not recorded by autograd (generation under `no_grad`), the
+unit keeps the buffer its partition was read into as its gathered weights until it is released:
+no copy and no new allocation. Prefetching only starts reads into free pool buffers; a read or write
+that is needed now while every buffer is taken uses a buffer of its own, dropped afterwards, instead
+of failing. DeepSpeed's `buffer_size` is the most elements a buffer may
 hold: a unit whose partition is bigger is a configuration error (raise the size, or use smaller
 leaf modules). DeepSpeed's `max_in_cpu` (a host cache of partitions) is accepted but no cache is
 kept: every fetch reads from the drive.
@@ -45,32 +50,32 @@ class ParamSwapper:
         self.aio = AsyncIO.from_config(aio)
         self.space: SwapSpace | None = SwapSpace(cfg.nvme_path, "param", rank, nbytes, self.aio,
                                config_key="zero_optimization.offload_param.nvme_path")
-        size = -(-max(nbytes.values()) // _ALIGN) * _ALIGN
-        self.buffers = [aligned_empty(size, pin=pin) for _ in range(cfg.buffer_count)]
+        self._size, self._pin = -(-max(nbytes.values()) // _ALIGN) * _ALIGN, pin
+        self.buffers = [aligned_empty(self._size, pin=pin) for _ in range(cfg.buffer_count)]
+        self._pooled = {b.data_ptr() for b in self.buffers}
         self._free: deque[torch.Tensor] = deque(self.buffers)
         self._writes: deque[tuple[torch.Tensor, Any]] = deque()
         self.swapped_bytes = sum(nbytes.values())
 
     # ---- the pool ------------------------------------------------------------------------------
     def has_free(self) -> bool:
-        """A buffer can be had without waiting on a gather (free, or held only by a write)."""
+        """A pool buffer can be had without waiting on a gather (free, or held only by a write)."""
         return bool(self._free) or bool(self._writes)
 
     def _acquire(self) -> torch.Tensor:
-        while not self._free:
-            if not self._writes:
-                raise RuntimeError("every parameter swap buffer is held by a gather in progress; "
-                                   "raise `zero_optimization.offload_param.buffer_count`")
+        """A pool buffer, or (every one held by a read in flight or a unit's weights) one of our own."""
+        while not self._free and self._writes:
             self._retire_write()
-        return self._free.popleft()
+        return self._free.popleft() if self._free else aligned_empty(self._size, pin=self._pin)
 
     def release(self, buf: torch.Tensor) -> None:
-        self._free.append(buf)
+        if buf.data_ptr() in self._pooled:
+            self._free.append(buf)
 
     def _retire_write(self) -> None:
         buf, request = self._writes.popleft()
         request.wait()
-        self._free.append(buf)
+        self.release(buf)
 
     # ---- reads and writes -----------------------------------------------------------------------
     def read(self, key: Hashable, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Any]:

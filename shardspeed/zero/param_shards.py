@@ -174,6 +174,7 @@ class Unit:
         self.partition: torch.Tensor | None = (storage if storage is not None else
                                                torch.zeros(offset, dtype=dtype, device=device) if resident else None)
         self._reading: tuple[torch.Tensor, torch.Tensor, Any] | None = None  # (pool buffer, partition, request)
+        self._held: torch.Tensor | None = None  # the swap buffer `full` lies in (see `finish_gather`)
         self.full: torch.Tensor | None = None
         self._batch: Any = None  # the gather.GatherBatch in flight that fills `full`
         self.own_regions: Any = None  # where this rank's shards go in `full` (gather._Regions, made on first use)
@@ -260,11 +261,22 @@ class Unit:
             buf, part, request = self._reading
             request.wait()
             self._reading = None
+            if self._can_hold(part):
+                # One rank: the partition is laid out as the whole weights are, so the buffer it was
+                # read into serves as them until release (no copy, no allocation). Only where autograd
+                # records nothing: a saved view of a weight would outlive the buffer's next use.
+                self._held, self.full = buf, part
+                self.install()
+                return
             GatherBatch.launch([self], sources=[part]).wait()  # the pool buffer is reused once the collective has read it
             self.swapper.release(buf)
             return
         if self._batch is not None:
             self._batch.wait()
+
+    def _can_hold(self, part: torch.Tensor) -> bool:
+        return (not torch.is_grad_enabled() and not self.policy.communicates(self.dp)
+                and part.device == self.compute_device and part.numel() == self.full_numel)
 
     def gather(self) -> None:
         self.start_gather()
@@ -288,6 +300,9 @@ class Unit:
             p.data = empty
             p.__class__ = ReleasedParameter
         self.full = None
+        if self._held is not None:
+            self.swapper.release(self._held)
+            self._held = None
 
     # ---- writing whole values back into shards ---------------------------------------------------
     def load_partition(self) -> torch.Tensor:

@@ -80,3 +80,47 @@ def test_zero_inference_matches_the_unsharded_model(tmp_path: Path, world: int, 
 def test_init_inference_zero_section_partitions_the_model(tmp_path: Path) -> None:
     for r in run_distributed(_run, 2, tmp_path, "cpu", str(tmp_path / "nvme"), "init_inference", deadline=180):
         assert r["partitioned"] and r["bitwise"] and r["tokens"], r
+
+
+def _swap_buffers_as_weights(nvme: str) -> dict[str, Any]:
+    reference = _model().eval()
+    model = _model()
+    zero = _zero("nvme", nvme)
+    zero["offload_param"]["buffer_count"] = 2  # fewer than the units a forward uses at once: some reads overflow the pool
+    zero["stage3_max_reuse_distance"] = 0
+    engine, *_ = shardspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero})
+    manager = engine.strategy.manager
+    pool = {b.data_ptr() for b in manager.param_swapper.buffers}
+    seen: dict[str, list[bool]] = {"no_grad": [], "all_gathered": [], "grad": []}
+    phase = ["no_grad"]
+
+    def record(mod: torch.nn.Module, args: Any) -> None:
+        seen[phase[0]].append(mod.weight.data_ptr() in pool)
+
+    hooks = [m.register_forward_pre_hook(record) for m in engine.module.modules() if "weight" in m._parameters]
+    ids = torch.randint(6, 96, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = engine.module(ids).logits
+        tokens = engine.module.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected_tokens = reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        phase[0] = "all_gathered"  # every unit at once: two in the pool's buffers, the rest in buffers of their own
+        with shardspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            all_gathered = engine.module(ids).logits
+    phase[0] = "grad"
+    with_grad = engine.module(ids).logits  # autograd records: gathered weights are copies, not pool buffers
+    expected = reference(ids).logits
+    for h in hooks:
+        h.remove()
+    engine.destroy()
+    return {"bitwise": all(torch.equal(x.detach(), expected.detach()) for x in (logits, all_gathered, with_grad)),
+            "tokens": torch.equal(tokens, expected_tokens), "seen": seen}
+
+
+def test_nvme_generation_at_world_one_reads_weights_in_place(tmp_path: Path) -> None:
+    """One rank, under no_grad: a unit's weights are the swap buffer its shards were read into (no copy),
+    and gathering more units than the pool holds still works; with autograd on, the weights are copies."""
+    r = run_distributed(_swap_buffers_as_weights, 1, tmp_path, str(tmp_path / "nvme"), deadline=180)[0]
+    assert r["bitwise"] and r["tokens"], r
+    assert r["seen"]["no_grad"] and all(r["seen"]["no_grad"]), r["seen"]
+    assert sum(r["seen"]["all_gathered"]) == 2 and len(r["seen"]["all_gathered"]) > 2, r["seen"]
+    assert r["seen"]["grad"] and not any(r["seen"]["grad"]), r["seen"]
