@@ -32,9 +32,24 @@ LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "mixtral")
 SUPPORTED = (*LLAMA_LIKE, "gpt2")
 
 
-def _all_reduce(x: Tensor, tp: AxisGroup) -> Tensor:
-    dist.all_reduce(x, group=tp.group)
-    return x
+class GroupAllReduce:
+    """The default reduction of a row-parallel module: `dist.all_reduce` over the tensor group, in place.
+    Every module doing one keeps it as `tp_reduce`, which `use_reduction` replaces (e.g. by a
+    shared-memory all-reduce on a CPU host)."""
+
+    def __init__(self, tp: AxisGroup) -> None:
+        self.group = tp.group
+
+    def __call__(self, x: Tensor) -> Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+def use_reduction(model: nn.Module, reduce: Callable[[Tensor], Tensor]) -> None:
+    """Make every row-parallel module of a sharded `model` sum its partial results with `reduce`."""
+    for module in model.modules():
+        if "tp_reduce" in vars(module):
+            setattr(module, "tp_reduce", reduce)
 
 
 class RowParallelLinear(nn.Linear):
@@ -54,12 +69,13 @@ class RowParallelLinear(nn.Linear):
             if bias is not None:
                 self.bias.copy_(bias)
         self.tp = tp
+        self.tp_reduce: Callable[[Tensor], Tensor] = GroupAllReduce(tp)
         self.input_slice = input_slice
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_slice is not None:
             x = x[..., self.input_slice[0]:self.input_slice[1]]
-        out = _all_reduce(nn.functional.linear(x, self.weight), self.tp)
+        out = self.tp_reduce(nn.functional.linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
 
@@ -75,9 +91,10 @@ class RowParallelConv1D(nn.Module):
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.nf = weight.shape[1]
         self.tp = tp
+        self.tp_reduce: Callable[[Tensor], Tensor] = GroupAllReduce(tp)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = _all_reduce(torch.matmul(x, self.weight), self.tp)
+        out = self.tp_reduce(torch.matmul(x, self.weight))
         return out + self.bias
 
 
@@ -132,7 +149,8 @@ def _fused_experts(experts: Any, tp: AxisGroup) -> None:
         experts.gate_up_proj = nn.Parameter(torch.cat([gate_up[:, a:b], gate_up[:, inner + a:inner + b]], dim=1).clone(),
                                             requires_grad=False)
         experts.down_proj = nn.Parameter(down[:, :, a:b].clone(), requires_grad=False)
-    experts.register_forward_hook(lambda _m, _i, out: _all_reduce(out, tp))
+    experts.tp_reduce = GroupAllReduce(tp)
+    experts.register_forward_hook(lambda m, _i, out: m.tp_reduce(out))
 
 
 def _llama_like(model: Any, config: Any, tp: AxisGroup) -> None:
@@ -252,4 +270,5 @@ def shard_for_inference(model: Any, tp: AxisGroup, injection_policy: dict[Any, A
     return model
 
 
-__all__ = ["RowParallelConv1D", "RowParallelLinear", "SUPPORTED", "kv_head_range", "shard_for_inference"]
+__all__ = ["GroupAllReduce", "RowParallelConv1D", "RowParallelLinear", "SUPPORTED", "kv_head_range", "shard_for_inference",
+           "use_reduction"]

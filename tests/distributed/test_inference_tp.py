@@ -5,6 +5,7 @@ tensor-parallel rank; world 4 = 2 replicas of TP 2, each serving its own prompts
 """
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,16 @@ def _compare(kind: str, policy: bool = False, dtype: torch.dtype = torch.float32
     sharded = any(p.shape != q.shape for p, q in zip(model.parameters(), reference.parameters()))
     if inject:
         assert type(engine.module).__name__ == "FastCausalLM"
+    shm = engine._shm is not None and engine._shm.active  # decode's all-reduces through shared memory (x86-64 hosts)
     return {"logits": (logits - expected).abs().max().item(), "same_tokens": torch.equal(tokens, expected_tokens),
-            "sharded": sharded}
+            "sharded": sharded, "shm": shm}
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_uneven", "qwen2", "mistral", "mixtral", "gpt2"])
 def test_tp2_equals_the_unsharded_model(tmp_path: Path, kind: str) -> None:
     for result in run_distributed(_compare, 2, tmp_path, kind, deadline=180):
         assert result["sharded"]
+        assert result["shm"] == (platform.machine() in ("x86_64", "AMD64")), result
         assert result["logits"] < 1e-5, result
         assert result["same_tokens"], result
 
@@ -98,6 +101,7 @@ def test_bf16_close_to_fp32_reference(tmp_path: Path) -> None:
 def test_two_replicas_of_tp2_serve_their_own_prompts(tmp_path: Path) -> None:
     for result in run_distributed(_compare, 4, tmp_path, "llama", deadline=240):
         assert result["logits"] < 1e-5 and result["same_tokens"], result
+        assert result["shm"] == (platform.machine() in ("x86_64", "AMD64")), result  # one mapping per replica
 
 
 def _sample() -> list[int]:
