@@ -18,7 +18,10 @@ import torch
 
 from .config.errors import ConfigError
 from .inference.config import DeepSpeedInferenceConfig, parse_inference_config
-from .inference.engine import InferenceEngine
+from .inference.checkpoint_loading import check_names, load_whole_weights, read_checkpoint
+from .inference.engine import InferenceEngine, checkpoint_base_dir
+from .zero.param_shards import is_partitioned
+from .zero.whole_weights import load_state_dict
 
 logger = logging.getLogger("shardspeed")
 
@@ -48,8 +51,19 @@ def _zero_inference(model: torch.nn.Module, parsed: DeepSpeedInferenceConfig) ->
         precision = {"fp16": {"enabled": True}}
     elif parsed.dtype == torch.bfloat16:
         precision = {"bf16": {"enabled": True}}
+    state = read_checkpoint(parsed.checkpoint, checkpoint_base_dir(parsed)) if parsed.checkpoint is not None else None
+    partitioned = any(is_partitioned(p) for p in model.parameters())
+    meta = next((n for n, p in model.named_parameters() if p.is_meta and not is_partitioned(p)), None)
+    if state is None and meta is not None:
+        raise ConfigError(f"`{meta}` is on the meta device: give the weights with `checkpoint=` (a shardspeed checkpoint "
+                          "folder, a descriptor or a state-dict file)")
+    if state is not None and not partitioned:
+        load_whole_weights(model, state)  # built normally or on the meta device: whole, then partitioned below
     engine, *_ = initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": parsed.zero,
                                                   **precision})
+    if state is not None and partitioned:
+        check_names(engine.module, state)
+        load_state_dict(engine.module, state, strict=False)  # built under zero.Init: into each rank's shards
     return InferenceEngine(engine.module, parsed, zero_engine=engine)
 
 

@@ -21,7 +21,9 @@ from ..accelerator import get_accelerator
 from ..comm.topology import AxisGroup, Topology, axis_of_group
 from ..config.errors import ConfigError
 from ..comm.shm_allreduce import ShmAllReduce
+from ..zero.param_shards import is_partitioned
 from .auto_tp import shard_for_inference, use_reduction
+from .checkpoint_loading import load_whole_weights, read_checkpoint
 from .config import DeepSpeedInferenceConfig
 
 logger = logging.getLogger("shardspeed")
@@ -53,6 +55,9 @@ class InferenceEngine(nn.Module):
         self._compiled = False
         self._shm: ShmAllReduce | None = None
         if zero_engine is None:
+            if config.checkpoint is not None:
+                load_whole_weights(model, read_checkpoint(config.checkpoint, checkpoint_base_dir(config)))
+            _check_loadable(model)
             if config.dtype is not None and config.dtype != torch.int8:
                 model.to(config.dtype)
             if self.tp.size > 1:
@@ -95,9 +100,6 @@ class InferenceEngine(nn.Module):
                               f"`tensor_parallel.tp_size` {config.tensor_parallel.tp_size})")
         if config.enable_cuda_graph and not torch.cuda.is_available():
             logger.warning("`enable_cuda_graph` needs CUDA; running without CUDA graphs")
-        if config.checkpoint is not None:
-            raise ConfigError("`checkpoint` (loading weights inside init_inference) is not supported yet by shardspeed: "
-                              "load the weights into the model first (shardspeed zero-to-fp32 consolidates a checkpoint)")
 
     def _tensor_group(self, config: DeepSpeedInferenceConfig) -> AxisGroup:
         section = config.tensor_parallel
@@ -168,6 +170,21 @@ class InferenceEngine(nn.Module):
         self._model_times = []
         if self._shm is not None:
             self._shm.close()
+
+
+def checkpoint_base_dir(config: DeepSpeedInferenceConfig) -> str:
+    return config.base_dir or config.checkpoint_config.base_dir or ""
+
+
+def _check_loadable(model: nn.Module) -> None:
+    """Weights a forward could not use: on the meta device, or partitioned by zero.Init (without `checkpoint`)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if is_partitioned(tensor):
+            raise ConfigError(f"`{name}` is partitioned (the model was built under zero.Init): give its weights with "
+                              "`checkpoint=`, or serve it partitioned with ZeRO-Inference (`zero: {stage: 3}`)")
+        if tensor.is_meta:
+            raise ConfigError(f"`{name}` is on the meta device: give the weights with `checkpoint=` (a shardspeed "
+                              "checkpoint folder, a descriptor or a state-dict file)")
 
 
 def _make_identical(model: nn.Module, tp: AxisGroup) -> None:

@@ -106,7 +106,6 @@ def test_dtype_cast_and_no_generate_without_one() -> None:
 @pytest.mark.parametrize("kwargs,message", [
     ({"dtype": torch.int8}, "int8 / quantized inference"),
     ({"moe": {"ep_size": 2}}, "expert-parallel inference is not supported yet"),
-    ({"checkpoint": "some/dir"}, "`checkpoint`"),
     ({"zero": {"stage": 2}}, "ZeRO-Inference partitions parameters, which is stage 3"),
 ])
 def test_unbuilt_options_are_refused_clearly(kwargs: dict, message: str) -> None:
