@@ -15,8 +15,9 @@ greedy `generate` calls of exactly `--new-tokens` tokens per row, prefill includ
 times; rank 0 prints one JSON line. (Importing `_fast_decode_bench` also imports shardspeed's
 fast_decode module in DeepSpeed's process; nothing of it runs there.) Before timing, each system's greedy tokens (batch 2, all new
 tokens) are compared with an unsharded HF model's in the same process (`matches_hf`). At TP 2 each
-process also times one all-reduce of a decode step's activations (`all_reduce_us`): the fast path
-and AutoTP do two per layer and one for the LM head per step.
+process also times one all-reduce of a decode step's activations (`all_reduce_us`; shardspeed's
+also over plain gloo, `gloo_all_reduce_us`): the fast path and AutoTP do two per layer and one for
+the LM head per step.
 
 The weight-read floor (--system shardspeed --tp 1, timed in turn with the other systems): the
 fastest a decoder that multiplies every Linear weight (lm_head included) once per step could go:
@@ -172,15 +173,21 @@ class WeightFloor:
 def all_reduce_us(system: str, batch: int, hidden: int, calls: int = 200) -> float:
     """Median microseconds of one all-reduce of a decode step's [batch, 1, hidden] fp32 activations over
     the world (the tensor group here), by the collective each system's tensor parallelism uses:
-    torch.distributed (gloo) for shardspeed, DeepSpeed's `inference_all_reduce` (shm) for DeepSpeed."""
+    shardspeed's shared-memory all-reduce (`comm.shm_allreduce`, what its CPU engine uses; "gloo": plain
+    torch.distributed over gloo, for reference), DeepSpeed's `inference_all_reduce` (shm) for DeepSpeed."""
     import torch.distributed as dist
 
     if system == "deepspeed":
         import deepspeed.comm as ds_comm
 
         reduce = ds_comm.inference_all_reduce
-    else:
+    elif system == "gloo":
         reduce = dist.all_reduce
+    else:
+        from shardspeed.comm.shm_allreduce import ShmAllReduce
+        from shardspeed.comm.topology import AxisGroup
+
+        reduce = ShmAllReduce(AxisGroup(None, tuple(range(dist.get_world_size())), dist.get_rank()))
     x = torch.randn(batch, 1, hidden)
     times = []
     for _ in range(calls):
@@ -231,6 +238,8 @@ def main() -> None:
             result[f"{name}|b{batch}"] = floor.summary(rate) if name == "floor" and floor is not None else rate
         if args.tp > 1:
             result[f"all_reduce_us|b{batch}"] = all_reduce_us(args.system, batch, args.hidden)
+            if args.system == "shardspeed":
+                result[f"gloo_all_reduce_us|b{batch}"] = all_reduce_us("gloo", batch, args.hidden)
     result["peak_rss_mib"] = gather(round(vm_hwm_mib(), 1))  # also: every rank is past its collectives
     result["loadavg_1m"] = os.getloadavg()[0]
     if args.system == "deepspeed" and args.tp > 1:

@@ -89,3 +89,24 @@ def _world_one() -> dict[str, Any]:
 def test_world_one_is_the_identity(tmp_path: Path) -> None:
     r = run_distributed(_world_one, 1, tmp_path, deadline=40)[0]
     assert not r["active"] and r["same"], r
+
+
+def _logged() -> dict[str, Any]:
+    from shardspeed.comm.comms_logging import comms_logger
+
+    shm = ShmAllReduce(_world_axis())
+    comms_logger.configure(enabled=True, prof_all=True)
+    try:
+        comms_logger.reset_data()
+        for _ in range(3):
+            shm(torch.ones(16))
+        record = comms_logger.snapshot().get("all_reduce", {}).get(64)
+        return {"count": record.count if record is not None else 0}
+    finally:
+        comms_logger.configure(enabled=False)
+
+
+@pytest.mark.timeout(60)
+def test_the_comms_logger_counts_shared_memory_all_reduces(tmp_path: Path) -> None:
+    for r in run_distributed(_logged, 2, tmp_path, deadline=40):
+        assert r["count"] == 3, r
