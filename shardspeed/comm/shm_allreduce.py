@@ -108,8 +108,10 @@ class ShmAllReduce:
 
     # ---- the collective --------------------------------------------------------------------------------
     def fits(self, x: torch.Tensor) -> bool:
+        # A tensor autograd is recording goes through dist.all_reduce, which autograd lets modify it in place.
         return (self.active and x.device.type == "cpu" and x.is_contiguous()
-                and x.numel() * x.element_size() <= self.slot_bytes)
+                and x.numel() * x.element_size() <= self.slot_bytes
+                and not (x.requires_grad and torch.is_grad_enabled()))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; returns `x`."""

@@ -61,11 +61,13 @@ def _compare(kind: str, policy: bool = False, dtype: torch.dtype = torch.float32
         expected = reference.to(dtype)(ids).logits.float()
         tokens = engine.generate(ids, max_new_tokens=32, do_sample=False)
         expected_tokens = reference.generate(ids, max_new_tokens=32, do_sample=False)
+    recorded = engine(ids).logits.detach().float()  # autograd on, as a caller without no_grad has it
     sharded = any(p.shape != q.shape for p, q in zip(model.parameters(), reference.parameters()))
     if inject:
         assert type(engine.module).__name__ == "FastCausalLM"
     shm = engine._shm is not None and engine._shm.active  # decode's all-reduces through shared memory (x86-64 hosts)
-    return {"logits": (logits - expected).abs().max().item(), "same_tokens": torch.equal(tokens, expected_tokens),
+    return {"logits": max((logits - expected).abs().max().item(), (recorded - expected).abs().max().item()),
+            "same_tokens": torch.equal(tokens, expected_tokens),
             "sharded": sharded, "shm": shm}
 
 

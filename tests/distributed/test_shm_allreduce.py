@@ -45,9 +45,11 @@ def _sums() -> dict[str, Any]:
         gathered.append(all(torch.equal(e, got) for e in everyone))
     big = torch.full((64 * 1024,), float(rank + 1))  # 256 KiB: more than a slot, so gloo's all-reduce
     shm(big)
+    leaf = torch.full((3,), float(rank + 1), requires_grad=True)
+    recorded = shm(leaf * 1.0)  # autograd records it: through dist.all_reduce, no error
     n = dist.get_world_size()
     return {"active": shm.active, "close": all(results), "identical": all(gathered), "left": sorted(left),
-            "big": bool(torch.all(big == n * (n + 1) / 2))}
+            "big": bool(torch.all(big == n * (n + 1) / 2)) and bool(torch.all(recorded == n * (n + 1) / 2))}
 
 
 @pytest.mark.timeout(120)
