@@ -10,8 +10,9 @@ asynchronously; a read of a region waits for an earlier write to it (`SwapSpace`
 So the memory these partitions take is the pool, `buffer_count` buffers of the largest unit's
 partition, whatever the model's size. Where a unit's partition is its whole weights (its group has
 one rank) and the gathered weights are not recorded by autograd (generation under `no_grad`), the
-unit keeps the buffer its partition was read into as its gathered weights until it is released:
-no copy and no new allocation. Prefetching only starts reads into free pool buffers; a read or write
+unit keeps the buffer its partition was read into as its gathered weights until it is released
+(or a forward with autograd on uses it: the weights then move to a copy of their own): no copy and
+no new allocation. Prefetching only starts reads into free pool buffers; a read or write
 that is needed now while every buffer is taken uses a buffer of its own, dropped afterwards, instead
 of failing. DeepSpeed's `buffer_size` is the most elements a buffer may
 hold: a unit whose partition is bigger is a configuration error (raise the size, or use smaller

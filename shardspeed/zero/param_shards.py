@@ -274,6 +274,16 @@ class Unit:
         if self._batch is not None:
             self._batch.wait()
 
+    def own_copy(self) -> None:
+        """Weights lying in a swap buffer move to a tensor of their own (autograd is about to record them,
+        and a saved view must not see the buffer reused); the buffer goes back to the pool."""
+        if self._held is None or self.full is None:
+            return
+        self.full = self.full.clone()
+        self.install()
+        self.swapper.release(self._held)
+        self._held = None
+
     def _can_hold(self, part: torch.Tensor) -> bool:
         return (not torch.is_grad_enabled() and not self.policy.communicates(self.dp)
                 and part.device == self.compute_device and part.numel() == self.full_numel)

@@ -91,7 +91,7 @@ def _swap_buffers_as_weights(nvme: str) -> dict[str, Any]:
     engine, *_ = shardspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero})
     manager = engine.strategy.manager
     pool = {b.data_ptr() for b in manager.param_swapper.buffers}
-    seen: dict[str, list[bool]] = {"no_grad": [], "all_gathered": [], "grad": []}
+    seen: dict[str, list[bool]] = {"no_grad": [], "all_gathered": [], "held_then_grad": [], "grad": []}
     phase = ["no_grad"]
 
     def record(mod: torch.nn.Module, args: Any) -> None:
@@ -106,13 +106,16 @@ def _swap_buffers_as_weights(nvme: str) -> dict[str, Any]:
         phase[0] = "all_gathered"  # every unit at once: two in the pool's buffers, the rest in buffers of their own
         with shardspeed.zero.GatheredParameters(list(engine.module.parameters())):
             all_gathered = engine.module(ids).logits
+            phase[0] = "held_then_grad"  # gathered into swap buffers, then used with autograd on: copies
+            with torch.enable_grad():
+                held_then_grad = engine.module(ids).logits
     phase[0] = "grad"
     with_grad = engine.module(ids).logits  # autograd records: gathered weights are copies, not pool buffers
     expected = reference(ids).logits
     for h in hooks:
         h.remove()
     engine.destroy()
-    return {"bitwise": all(torch.equal(x.detach(), expected.detach()) for x in (logits, all_gathered, with_grad)),
+    return {"bitwise": all(torch.equal(x.detach(), expected.detach()) for x in (logits, all_gathered, held_then_grad, with_grad)),
             "tokens": torch.equal(tokens, expected_tokens), "seen": seen}
 
 
@@ -124,3 +127,4 @@ def test_nvme_generation_at_world_one_reads_weights_in_place(tmp_path: Path) -> 
     assert r["seen"]["no_grad"] and all(r["seen"]["no_grad"]), r["seen"]
     assert sum(r["seen"]["all_gathered"]) == 2 and len(r["seen"]["all_gathered"]) > 2, r["seen"]
     assert r["seen"]["grad"] and not any(r["seen"]["grad"]), r["seen"]
+    assert r["seen"]["held_then_grad"] and not any(r["seen"]["held_then_grad"]), r["seen"]
