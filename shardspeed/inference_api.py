@@ -18,8 +18,9 @@ import torch
 
 from .config.errors import ConfigError
 from .inference.config import DeepSpeedInferenceConfig, parse_inference_config
-from .inference.checkpoint_loading import check_names, load_whole_weights, read_checkpoint
-from .inference.engine import InferenceEngine, checkpoint_base_dir
+from .checkpoint.weights_source import read_checkpoint
+from .inference.checkpoint_loading import check_names, load_whole_weights
+from .inference.engine import InferenceEngine
 from .zero.param_shards import is_partitioned
 from .zero.whole_weights import load_state_dict
 
@@ -35,7 +36,14 @@ def init_inference(model: torch.nn.Module, config: Any = None, **kwargs: Any) ->
     if parsed.zero and int(parsed.zero.get("stage", 0)) not in (0,):
         raise ConfigError(f"inference config `zero.stage` {parsed.zero.get('stage')}: ZeRO-Inference partitions "
                           "parameters, which is stage 3; use stage 3 or remove the `zero` section")
-    return InferenceEngine(model, parsed)
+    return InferenceEngine(model, parsed, weights=_weights(parsed))
+
+
+def _weights(parsed: DeepSpeedInferenceConfig) -> dict[str, torch.Tensor] | None:
+    """The whole weights `checkpoint` names (None without one); relative names resolve against `base_dir`."""
+    if parsed.checkpoint is None:
+        return None
+    return read_checkpoint(parsed.checkpoint, parsed.base_dir or parsed.checkpoint_config.base_dir or "")
 
 
 def _zero_inference(model: torch.nn.Module, parsed: DeepSpeedInferenceConfig) -> InferenceEngine:
@@ -51,7 +59,7 @@ def _zero_inference(model: torch.nn.Module, parsed: DeepSpeedInferenceConfig) ->
         precision = {"fp16": {"enabled": True}}
     elif parsed.dtype == torch.bfloat16:
         precision = {"bf16": {"enabled": True}}
-    state = read_checkpoint(parsed.checkpoint, checkpoint_base_dir(parsed)) if parsed.checkpoint is not None else None
+    state = _weights(parsed)
     partitioned = any(is_partitioned(p) for p in model.parameters())
     meta = next((n for n, p in model.named_parameters() if p.is_meta and not is_partitioned(p)), None)
     if state is None and meta is not None:

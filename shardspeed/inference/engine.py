@@ -18,12 +18,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..accelerator import get_accelerator
+from ..comm.shm_allreduce import ShmAllReduce
 from ..comm.topology import AxisGroup, Topology, axis_of_group
 from ..config.errors import ConfigError
-from ..comm.shm_allreduce import ShmAllReduce
 from ..zero.param_shards import is_partitioned
 from .auto_tp import shard_for_inference, use_reduction
-from .checkpoint_loading import load_whole_weights, read_checkpoint
+from .checkpoint_loading import load_whole_weights
 from .config import DeepSpeedInferenceConfig
 
 logger = logging.getLogger("shardspeed")
@@ -37,7 +37,9 @@ class InferenceEngine(nn.Module):
 
     inference_mp_group: Any = None  # DeepSpeed's class attribute: the last tensor group made
 
-    def __init__(self, model: nn.Module, config: DeepSpeedInferenceConfig, zero_engine: Any = None) -> None:
+    def __init__(self, model: nn.Module, config: DeepSpeedInferenceConfig, zero_engine: Any = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+        """`weights`: the state dict `config.checkpoint` names (read by `init_inference`), put into `model`."""
         """`zero_engine`: the ZeRO-3 engine `model` already belongs to (ZeRO-Inference): it is placed, cast
         and partitioned, so nothing here touches its weights."""
         super().__init__()
@@ -55,8 +57,8 @@ class InferenceEngine(nn.Module):
         self._compiled = False
         self._shm: ShmAllReduce | None = None
         if zero_engine is None:
-            if config.checkpoint is not None:
-                load_whole_weights(model, read_checkpoint(config.checkpoint, checkpoint_base_dir(config)))
+            if weights is not None:
+                load_whole_weights(model, weights)
             _check_loadable(model)
             if config.dtype is not None and config.dtype != torch.int8:
                 model.to(config.dtype)
@@ -170,10 +172,6 @@ class InferenceEngine(nn.Module):
         self._model_times = []
         if self._shm is not None:
             self._shm.close()
-
-
-def checkpoint_base_dir(config: DeepSpeedInferenceConfig) -> str:
-    return config.base_dir or config.checkpoint_config.base_dir or ""
 
 
 def _check_loadable(model: nn.Module) -> None:

@@ -134,7 +134,6 @@ def test_descriptor_with_several_files_and_base_dir(tmp_path: Path) -> None:
     ("tp_split", "already split for tensor parallelism"),
     ("missing_weights", "lacks"),
     ("no_checkpoint", "is on the meta device"),
-    ("zero_init", "is partitioned"),
     ("not_a_state_dict", "could not be read as a state dict"),
 ])
 def test_bad_checkpoints_name_the_problem(tmp_path: Path, case: str, expected: str) -> None:
@@ -151,12 +150,25 @@ def test_bad_checkpoints_name_the_problem(tmp_path: Path, case: str, expected: s
     elif case == "not_a_state_dict":
         (tmp_path / "junk.pt").write_bytes(b"not a pickle")
         spec = str(tmp_path / "junk.pt")
-    if case == "zero_init":
-        with shardspeed.zero.Init():
-            model = _llama()
-    else:
-        with shardspeed.OnDevice(device="meta"):
-            model = _llama()
+    with shardspeed.OnDevice(device="meta"):
+        model = _llama()
     kwargs: dict[str, Any] = {"checkpoint": spec, "base_dir": str(tmp_path)} if spec is not None else {}
     with pytest.raises(ConfigError, match=expected):
         shardspeed.init_inference(model, dtype=torch.float32, **kwargs)
+
+
+def _partitioned_without_checkpoint() -> str:
+    with shardspeed.zero.Init():
+        model = _llama()
+    try:
+        shardspeed.init_inference(model, dtype=torch.float32)
+    except ConfigError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_a_zero_init_model_without_checkpoint_is_refused(tmp_path: Path) -> None:
+    """In a process of its own: zero.Init sets up torch.distributed."""
+    message = run_distributed(_partitioned_without_checkpoint, 1, tmp_path, deadline=90)[0]
+    assert "is partitioned" in message and "checkpoint=" in message, message
