@@ -97,6 +97,7 @@ class ShmAllReduce:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group.group)  # also: every rank has mapped it
         if self.rank == 0 and path[0] is not None:
             Path(path[0]).unlink(missing_ok=True)
+        dist.barrier(group=self.group.group)  # every rank returns with the name already gone
         if not int(ok):
             self.close()
             return False
