@@ -28,6 +28,8 @@ what the compute alone costs) and tokens (the ZeRO tokens must equal them).
 cache (`posix_fadvise(DONTNEED)`), as a memory limit that held the process to its RSS would force;
 without it the page cache keeps the whole offload folder (as big as the model) after the first
 token, outside the process's RSS. shardspeed's swap reads use O_DIRECT by default (no page cache);
+`--touch-pool` writes every swap buffer right after `initialize`, so that the after-build RSS holds the
+whole pool (untouched pages are not resident) and what generation adds on top is its own working set.
 `--buffered-swap` opens its swap file without O_DIRECT (`SwapSpace(..., o_direct=False)`), so that
 reads after the first token come from the page cache, as accelerate's do.
 """
@@ -65,6 +67,7 @@ def parse() -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, required=True)
     p.add_argument("--cold-cache", action="store_true")
     p.add_argument("--buffered-swap", action="store_true")
+    p.add_argument("--touch-pool", action="store_true")
     return p.parse_args()
 
 
@@ -234,6 +237,9 @@ def run_shardspeed(args: argparse.Namespace, result: dict[str, Any]) -> tuple[An
     result["in_memory_tokens_per_s"] = args.new_tokens / statistics.median(seconds)
     engine, *_ = shardspeed.initialize(model=model, config=zero_config(args, largest))
     del model
+    if args.touch_pool:  # make the whole pool resident now, so after-build RSS minus the pool is the build's residue
+        for buf in engine.strategy.manager.param_swapper.buffers:
+            buf.fill_(0)
     engine.module.eval()
     count_swap_reads()
     breakdown = engine.memory_breakdown() if hasattr(engine, "memory_breakdown") else {}

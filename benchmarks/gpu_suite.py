@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpt import GPT, GPTConfig  # noqa: E402
-from gpu_zero3 import _collectives_at_world_1, batches, timed  # noqa: E402
+from gpu_zero3 import _collectives_at_world_1, batches, rank_device, timed  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) by card name, for MFU.
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -149,12 +149,7 @@ def main() -> None:
     import shardspeed
 
     shardspeed.init_distributed()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        gpu = torch.cuda.get_device_name(device)
-    else:
-        device, gpu = torch.device("cpu"), "none (CPU dry run)"
+    device, gpu = rank_device()
     # ~1.4B parameters: 24 layers of width 2048, vocabulary 32768, untied head
     width = dict(vocab_size=32768, seq_len=2048, num_layers=24, hidden_size=2048, num_heads=16, tie_embeddings=False)
     micro = 4
@@ -220,6 +215,7 @@ def main() -> None:
     for key in ("offload_stage2_vs_deepspeed", "host_bytes_per_param"):
         if key in report:
             print(key, report[key])
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_suite.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     dist.destroy_process_group()

@@ -211,6 +211,16 @@ def _collectives_at_world_1(engine: object) -> None:
         strategy.reducer.policy = policy
 
 
+def rank_device() -> tuple[torch.device, str]:
+    """This rank's GPU (made current) and its name; on a CPU machine the CPU, for a dry run of a script's
+    logic over gloo (figures mean nothing there)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), "none (CPU dry run)"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device, torch.cuda.get_device_name(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -218,12 +228,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of three stage-3 steps")
     args = parser.parse_args()
     shardspeed.init_distributed()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        gpu = torch.cuda.get_device_name(device)
-    else:  # a dry run of the script's logic on a CPU machine (gloo); figures mean nothing there
-        device, gpu = torch.device("cpu"), "none (CPU dry run)"
+    device, gpu = rank_device()
     report = {"torch": torch.__version__, "gpu": gpu, "backend": dist.get_backend()}
     print(json.dumps(report), flush=True)
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 from .config.errors import ConfigError
 from .inference.config import DeepSpeedInferenceConfig, parse_inference_config
 from .checkpoint.weights_source import read_checkpoint
-from .inference.checkpoint_loading import check_names, load_whole_weights
+from .inference.checkpoint_loading import check_names, load_whole_weights, refuse_without_weights
 from .inference.engine import InferenceEngine
 from .zero.param_shards import is_partitioned
 from .zero.whole_weights import load_state_dict
@@ -61,11 +61,9 @@ def _zero_inference(model: torch.nn.Module, parsed: DeepSpeedInferenceConfig) ->
         precision = {"bf16": {"enabled": True}}
     state = _weights(parsed)
     partitioned = any(is_partitioned(p) for p in model.parameters())
-    meta = next((n for n, p in model.named_parameters() if p.is_meta and not is_partitioned(p)), None)
-    if state is None and meta is not None:
-        raise ConfigError(f"`{meta}` is on the meta device: give the weights with `checkpoint=` (a shardspeed checkpoint "
-                          "folder, a descriptor or a state-dict file)")
-    if state is not None and not partitioned:
+    if state is None:
+        refuse_without_weights(model, partitioned_ok=True)
+    elif not partitioned:
         load_whole_weights(model, state)  # built normally or on the meta device: whole, then partitioned below
     engine, *_ = initialize(model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": parsed.zero,
                                                   **precision})

@@ -42,7 +42,7 @@ def check_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[int, l
 def load_whole_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Make `state` the weights of `model` (built on meta, under zero.Init, or normally), in place."""
     by_tensor = check_names(model, state)
-    replaced: dict[int, nn.Parameter] = {}
+    replaced: dict[int, torch.Tensor] = {}  # old tensor's id -> its new tensor, shared by tied aliases
     with torch.no_grad():
         for names in by_tensor.values():
             value = next(state[n] for n in names if n in state)
@@ -51,29 +51,35 @@ def load_whole_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     _rebuild_meta_buffers(model)
 
 
-def _set(model: nn.Module, name: str, value: torch.Tensor, replaced: dict[int, nn.Parameter]) -> None:
+def _set(model: nn.Module, name: str, value: torch.Tensor, replaced: dict[int, torch.Tensor]) -> None:
+    """A new tensor for `name` (the old one may be on the meta device, or a partitioned stage-3 parameter whose
+    released `.data` still has its dtype)."""
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    if leaf in owner._parameters:
-        param = owner._parameters[leaf]
-        assert param is not None
-        if id(param) in replaced:  # a tied alias: the same new parameter
-            owner._parameters[leaf] = replaced[id(param)]
-            return
-        shape = param.ds_shape if is_partitioned(param) else param.shape
-        dtype = param.ds_tensor.dtype if is_partitioned(param) and param.ds_tensor.numel() else param.dtype
+    slots = owner._parameters if leaf in owner._parameters else owner._buffers
+    old = slots[leaf]
+    assert old is not None
+    if id(old) not in replaced:
+        shape = old.ds_shape if is_partitioned(old) else old.shape
         if tuple(value.shape) != tuple(shape):
             raise ConfigError(f"`checkpoint`: `{name}` has shape {tuple(value.shape)}, the model's {tuple(shape)}")
-        # A new parameter: the old one may be on the meta device or a partitioned stage-3 parameter.
-        fresh = nn.Parameter(value.to(dtype=dtype, copy=True), requires_grad=param.requires_grad)
-        owner._parameters[leaf] = fresh
-        replaced[id(param)] = fresh
-        return
-    buffer = owner._buffers[leaf]
-    assert buffer is not None
-    if tuple(value.shape) != tuple(buffer.shape):
-        raise ConfigError(f"`checkpoint`: `{name}` has shape {tuple(value.shape)}, the model's {tuple(buffer.shape)}")
-    owner._buffers[leaf] = value.to(dtype=buffer.dtype, copy=True)
+        new = value.to(dtype=old.dtype, copy=True)
+        replaced[id(old)] = nn.Parameter(new, requires_grad=old.requires_grad) if slots is owner._parameters else new
+    slots[leaf] = replaced[id(old)]  # type: ignore[assignment]
+
+
+def refuse_without_weights(model: nn.Module, partitioned_ok: bool = False) -> None:
+    """An error naming the first tensor a forward could not use: on the meta device, or (unless ZeRO-Inference
+    serves it partitioned) partitioned by zero.Init; for a model given no `checkpoint`, or after loading one."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if is_partitioned(tensor):
+            if partitioned_ok:
+                continue
+            raise ConfigError(f"`{name}` is partitioned (the model was built under zero.Init): give its weights with "
+                              "`checkpoint=`, or serve it partitioned with ZeRO-Inference (`zero: {stage: 3}`)")
+        if tensor.is_meta:
+            raise ConfigError(f"`{name}` is on the meta device: give the weights with `checkpoint=` (a shardspeed "
+                              "checkpoint folder, a descriptor or a state-dict file)")
 
 
 def _rebuild_meta_buffers(model: nn.Module) -> None:
@@ -98,4 +104,4 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
                 setattr(module, attr, value)
 
 
-__all__ = ["check_names", "load_whole_weights"]
+__all__ = ["check_names", "load_whole_weights", "refuse_without_weights"]

@@ -21,9 +21,8 @@ from ..accelerator import get_accelerator
 from ..comm.shm_allreduce import ShmAllReduce
 from ..comm.topology import AxisGroup, Topology, axis_of_group
 from ..config.errors import ConfigError
-from ..zero.param_shards import is_partitioned
 from .auto_tp import shard_for_inference, use_reduction
-from .checkpoint_loading import load_whole_weights
+from .checkpoint_loading import load_whole_weights, refuse_without_weights
 from .config import DeepSpeedInferenceConfig
 
 logger = logging.getLogger("shardspeed")
@@ -59,7 +58,7 @@ class InferenceEngine(nn.Module):
         if zero_engine is None:
             if weights is not None:
                 load_whole_weights(model, weights)
-            _check_loadable(model)
+            refuse_without_weights(model)
             if config.dtype is not None and config.dtype != torch.int8:
                 model.to(config.dtype)
             if self.tp.size > 1:
@@ -69,14 +68,14 @@ class InferenceEngine(nn.Module):
                 model.to(get_accelerator().device(int(os.environ.get("LOCAL_RANK", "0"))))
             if self.tp.size > 1 and dist.get_backend(self.tp.group) == "gloo":
                 # CPU ranks on one host: decode's small all-reduces through shared memory, not gloo's ~300 µs TCP round trip.
-                self._shm = ShmAllReduce(self.tp)
-                if self._shm.active:
-                    use_reduction(model, self._shm)
+                shm = ShmAllReduce(self.tp)
+                if shm.active:
+                    self._shm = shm
+                    use_reduction(model, shm)
         if config.replace_with_kernel_inject:
             from .fast_decode import build_fast_model
 
-            reduce = self._shm if self._shm is not None and self._shm.active else None
-            self.module = build_fast_model(model, config.max_out_tokens, self.tp if self.tp.size > 1 else None, reduce=reduce)
+            self.module = build_fast_model(model, config.max_out_tokens, self.tp if self.tp.size > 1 else None, reduce=self._shm)
         if self.tp.size > 1:
             _share_rng_state(self.tp)
         model.eval()
@@ -172,17 +171,6 @@ class InferenceEngine(nn.Module):
         self._model_times = []
         if self._shm is not None:
             self._shm.close()
-
-
-def _check_loadable(model: nn.Module) -> None:
-    """Weights a forward could not use: on the meta device, or partitioned by zero.Init (without `checkpoint`)."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if is_partitioned(tensor):
-            raise ConfigError(f"`{name}` is partitioned (the model was built under zero.Init): give its weights with "
-                              "`checkpoint=`, or serve it partitioned with ZeRO-Inference (`zero: {stage: 3}`)")
-        if tensor.is_meta:
-            raise ConfigError(f"`{name}` is on the meta device: give the weights with `checkpoint=` (a shardspeed "
-                              "checkpoint folder, a descriptor or a state-dict file)")
 
 
 def _make_identical(model: nn.Module, tp: AxisGroup) -> None:

@@ -51,8 +51,9 @@ class ParamSwapper:
         self.aio = AsyncIO.from_config(aio)
         self.space: SwapSpace | None = SwapSpace(cfg.nvme_path, "param", rank, nbytes, self.aio,
                                config_key="zero_optimization.offload_param.nvme_path")
-        self._size, self._pin = -(-max(nbytes.values()) // _ALIGN) * _ALIGN, pin
-        self.buffers = [aligned_empty(self._size, pin=pin) for _ in range(cfg.buffer_count)]
+        self._pin = pin
+        size = -(-max(nbytes.values()) // _ALIGN) * _ALIGN
+        self.buffers = [aligned_empty(size, pin=pin) for _ in range(cfg.buffer_count)]
         self._pooled = {b.data_ptr() for b in self.buffers}
         self._free: deque[torch.Tensor] = deque(self.buffers)
         self._writes: deque[tuple[torch.Tensor, Any]] = deque()
@@ -63,11 +64,11 @@ class ParamSwapper:
         """A pool buffer can be had without waiting on a gather (free, or held only by a write)."""
         return bool(self._free) or bool(self._writes)
 
-    def _acquire(self) -> torch.Tensor:
-        """A pool buffer, or (every one held by a read in flight or a unit's weights) one of our own."""
+    def _acquire(self, nbytes: int) -> torch.Tensor:
+        """A pool buffer, or (every one held by a read in flight or a unit's weights) one of our own of `nbytes`."""
         while not self._free and self._writes:
             self._retire_write()
-        return self._free.popleft() if self._free else aligned_empty(self._size, pin=self._pin)
+        return self._free.popleft() if self._free else aligned_empty(-(-nbytes // _ALIGN) * _ALIGN, pin=self._pin)
 
     def release(self, buf: torch.Tensor) -> None:
         if buf.data_ptr() in self._pooled:
@@ -81,8 +82,9 @@ class ParamSwapper:
     # ---- reads and writes -----------------------------------------------------------------------
     def read(self, key: Hashable, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """Start reading a partition: (pool buffer to release after use, the partition view, request)."""
-        buf = self._acquire()
-        view = buf[:numel * _itemsize(dtype)].view(dtype)
+        nbytes = numel * _itemsize(dtype)
+        buf = self._acquire(nbytes)
+        view = buf[:nbytes].view(dtype)
         return buf, view, self._open_space().read(key, view)
 
     def read_now(self, key: Hashable, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -93,8 +95,9 @@ class ParamSwapper:
 
     def write(self, key: Hashable, values: torch.Tensor, dtype: torch.dtype) -> None:
         """Write a partition (converted to `dtype`) back, asynchronously, through a pool buffer."""
-        buf = self._acquire()
-        view = buf[:values.numel() * _itemsize(dtype)].view(dtype)
+        nbytes = values.numel() * _itemsize(dtype)
+        buf = self._acquire(nbytes)
+        view = buf[:nbytes].view(dtype)
         view.copy_(values.reshape(-1))
         self._writes.append((buf, self._open_space().write(key, view)))
 

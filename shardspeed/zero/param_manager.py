@@ -198,7 +198,7 @@ class ParameterManager:
     # ---- gathering ------------------------------------------------------------------------------
     def _fetch(self, units: list[Unit]) -> None:
         """Gather what a module needs now; those not on their way yet go in one collective."""
-        if torch.is_grad_enabled():
+        if self.param_swapper is not None and torch.is_grad_enabled():
             for unit in units:
                 unit.own_copy()  # gathered under no_grad into a swap buffer: autograd may keep views of it
         missing = [u for u in units if not u.persistent and not u.gathered]
